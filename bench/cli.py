@@ -1,0 +1,69 @@
+"""Command line: ``python -m bench [group=option ...] [key=value ...] [-m]``.
+
+The only module that imports Hydra. It checks group options before Hydra sees them (so an unknown
+name is one line listing the valid ones), composes ``conf/config.yaml``, converts it to a typed
+``RunConfig`` and hands it to ``bench.run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib import resources
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from bench.config import from_dict
+from bench.errors import BenchError
+from bench.rows import collect
+from bench.run import run_and_record, summary
+
+log = logging.getLogger("bench")
+GROUPS = ("dataset", "model", "attack", "defense", "train", "sweep", "experiment")
+
+
+def group_options(group: str) -> list[str]:
+    folder = resources.files("conf") / group
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Exit 2 with one line if an override names an unknown option of a config group."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in GROUPS:
+            continue
+        known = group_options(key)
+        for opt in value.split(","):
+            opt = opt.strip()
+            if opt and opt not in known:
+                sys.exit(f"error: unknown {key} '{opt}'; known: {', '.join(known)}")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+def _main(dcfg: DictConfig) -> None:
+    try:
+        cfg = from_dict(OmegaConf.to_container(dcfg, resolve=True))
+        row = run_and_record(cfg)
+    except BenchError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    print(summary(row), flush=True)
+    collect(cfg.results_dir)
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    if row["status"] != "ok" and not multirun:
+        sys.exit(1)
+
+
+def main() -> None:
+    check_overrides(sys.argv[1:])
+    _main()
+
+
+if __name__ == "__main__":
+    main()

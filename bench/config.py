@@ -1,0 +1,114 @@
+"""Typed run configuration. Hydra composes YAML (``conf/``); this turns it into frozen
+dataclasses, strictly: an unknown key or name is a one-line ``ConfigError`` listing valid ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from attacks import ATTACKS
+from bench.errors import ConfigError
+from bench.poison import AttackSpec
+from bench.registry import build_params
+from bench.train import TrainCfg
+from defenses import DEFENSES
+
+
+@dataclass(frozen=True)
+class DatasetCfg:
+    """Args:
+    name: dataset name (``bench.data.DATASETS``).
+    full: fashion_mnist only: the full 60k/10k set instead of the embedded 10k/2k subset.
+    download: let torchvision download missing files (needs network).
+    image_size: resize target for datasets with varying image sizes (gtsrb).
+    synthetic: parameters of the ``synthetic`` set.
+    """
+
+    name: str = "fashion_mnist"
+    full: bool = False
+    download: bool = False
+    image_size: int | None = None
+    synthetic: dict | None = None
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    name: str = "cnn_small"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DefenseCfg:
+    name: str = "none"
+    params: Any = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One cell of the grid. ``results_dir``, ``data_root``, ``device``, ``threads``,
+    ``progress`` and ``force`` say where and how to run; they do not enter the config hash."""
+
+    dataset: DatasetCfg = field(default_factory=DatasetCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    attack: AttackSpec | None = field(default_factory=AttackSpec)
+    defense: DefenseCfg = field(default_factory=DefenseCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    device: str = "auto"
+    threads: int | None = None
+    results_dir: str = "runs"
+    data_root: str | None = None
+    progress: bool | None = None
+    force: bool = False
+
+
+WHERE_KEYS = ("results_dir", "data_root", "device", "threads", "progress", "force")
+
+
+def _section(cls: type, values: Any, owner: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section '{owner}' must be a mapping, got {values!r}")
+    return build_params(cls, values, owner)
+
+
+def from_dict(d: Mapping[str, Any]) -> RunConfig:
+    """Build a ``RunConfig`` from a resolved plain dict (as composed by Hydra)."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    out: dict[str, Any] = {k: v for k, v in d.items() if k not in
+                           ("dataset", "model", "attack", "defense", "train")}
+    out["dataset"] = _section(DatasetCfg, d.get("dataset", {}), "dataset")
+    out["model"] = _section(ModelCfg, d.get("model", {}), "model")
+    out["train"] = _section(TrainCfg, d.get("train", {}), "train")
+    att = dict(d.get("attack") or {"name": "none"})
+    if att.get("name", "none") == "none":
+        out["attack"] = None
+    else:
+        name = att.get("name", AttackSpec.name)
+        att["params"] = ATTACKS.params(name, att.get("params"))
+        out["attack"] = _section(AttackSpec, att, "attack")
+    dfn = dict(d.get("defense", {}))
+    name = dfn.get("name", "none")
+    dfn["params"] = DEFENSES.params(name, dfn.get("params"))
+    out["defense"] = _section(DefenseCfg, dfn, "defense")
+    return RunConfig(**out)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain, JSON-able dict of the config (params dataclasses expanded)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Hash of everything that determines the result (not where or how it ran)."""
+    what = {k: v for k, v in to_dict(cfg).items() if k not in WHERE_KEYS}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]

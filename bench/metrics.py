@@ -1,0 +1,50 @@
+"""Metric definitions (one place, unit-tested). All metrics are fractions in [0, 1].
+
+- BA: top-1 accuracy on the full clean test set.
+- ASR: fraction of the triggered test set predicted as the attack target (all-to-one: only
+  samples whose true label ≠ target, as BackdoorBench and the ABL/DBD repos do).
+- RA: accuracy w.r.t. the true labels on the same triggered samples.
+- Isolation precision/recall: of the samples a defense flags, against ``kind == 1`` (poisoned).
+  Cover samples (``kind == 2``) count as not poisoned.
+- DER: [max(0, ΔASR) − max(0, ΔBA) + 1] / 2 against the undefended run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``pred == y``; NaN for an empty set."""
+    if len(y) == 0:
+        return math.nan
+    return (pred.cpu() == y.cpu()).float().mean().item()
+
+
+def attack_success_rate(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return accuracy(pred, target)
+
+
+def robust_accuracy(pred: torch.Tensor, y_true: torch.Tensor) -> float:
+    return accuracy(pred, y_true)
+
+
+def isolation_quality(suspect: torch.Tensor, kind: torch.Tensor) -> tuple[float, float]:
+    """(precision, recall) of a boolean suspect mask against ``kind == 1``.
+
+    Precision is NaN when nothing is flagged; recall is NaN when nothing is poisoned.
+    """
+    suspect = suspect.cpu().bool()
+    poisoned = kind.cpu() == 1
+    tp = (suspect & poisoned).sum().item()
+    n_flag, n_pois = suspect.sum().item(), poisoned.sum().item()
+    precision = tp / n_flag if n_flag else math.nan
+    recall = tp / n_pois if n_pois else math.nan
+    return precision, recall
+
+
+def der(ba_none: float, asr_none: float, ba_def: float, asr_def: float) -> float:
+    """Defense effectiveness rate (BackdoorBench's corrected "simplied" variant)."""
+    return (max(0.0, asr_none - asr_def) - max(0.0, ba_none - ba_def) + 1) / 2

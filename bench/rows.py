@@ -1,0 +1,81 @@
+"""Results: one ``row.json`` per run, written atomically, merged into a tidy ``runs.csv``.
+
+A row has fixed columns (identity, metrics, cost, outcome). ``collect`` is idempotent: it reads
+every row file under ``<results_dir>/rows`` and rewrites ``runs.csv`` atomically, so parallel jobs
+and interrupted sweeps never leave a half-written table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger("bench")
+
+IDENTITY = ["run_id", "dataset", "model", "attack", "defense", "poison_rate", "n_poisoned",
+            "target", "label_mode", "seed", "config_hash", "git_sha", "version"]
+METRICS = ["ba", "asr", "ra", "iso_precision", "iso_recall", "n_suspects"]
+COST = ["wall_s", "stage_s", "peak_mem_mb", "device", "threads"]
+OUTCOME = ["status", "error", "timestamp", "extra"]
+COLUMNS = IDENTITY + METRICS + COST + OUTCOME
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def row_path(results_dir: str | Path, run_id: str) -> Path:
+    return Path(results_dir) / "rows" / f"{run_id}.json"
+
+
+def write_row(results_dir: str | Path, row: dict) -> Path:
+    path = row_path(results_dir, row["run_id"])
+    atomic_write(path, json.dumps(row, indent=1, sort_keys=False, default=str))
+    return path
+
+
+def read_row(path: Path) -> dict | None:
+    """A row, or None (with a warning) when the file is unreadable."""
+    try:
+        row = json.loads(path.read_text())
+        return row if isinstance(row, dict) and "run_id" in row else None
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("skipping unreadable row %s (%s); delete it to rerun that job", path, e)
+        return None
+
+
+def load_rows(results_dir: str | Path) -> pd.DataFrame:
+    files = sorted((Path(results_dir) / "rows").glob("*.json"))
+    rows = [r for r in map(read_row, files) if r is not None]
+    df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
+    for c in COLUMNS:
+        if c not in df:
+            df[c] = None
+    for c in ("stage_s", "extra"):
+        df[c] = df[c].map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
+    df = df[COLUMNS + sorted(set(df.columns) - set(COLUMNS))]
+    keys = ["dataset", "model", "attack", "defense", "poison_rate", "seed", "run_id"]
+    return df.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
+
+
+def collect(results_dir: str | Path) -> Path:
+    """Rebuild ``<results_dir>/runs.csv`` from all row files; returns its path."""
+    out = Path(results_dir) / "runs.csv"
+    atomic_write(out, load_rows(results_dir).to_csv(index=False))
+    return out

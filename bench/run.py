@@ -1,0 +1,165 @@
+"""One run = one cell of the grid = one row: load → poison → defend → evaluate → record."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+import bench
+from bench import metrics
+from bench.config import RunConfig, config_hash
+from bench.data import ImageSet, load_dataset
+from bench.errors import BenchError
+from bench.models import create_model
+from bench.poison import PoisonedTrain, TriggeredTest, clean, poison
+from bench.rows import read_row, row_path, write_row
+from bench.seeding import derive_seed
+from bench.stages import StageTimer
+from bench.train import Engine, predict
+from defenses import DEFENSES, DefenseContext
+
+log = logging.getLogger("bench")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError("device=cuda but no CUDA device is visible; use device=cpu or auto")
+    return torch.device(name)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(bench.__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_id(cfg: RunConfig) -> str:
+    attack = cfg.attack.name if cfg.attack else "none"
+    return (f"{cfg.dataset.name}-{cfg.model.name.replace('/', '_')}-{attack}-"
+            f"{cfg.defense.name}-s{cfg.seed}-{config_hash(cfg)}")
+
+
+def identity(cfg: RunConfig) -> dict:
+    a = cfg.attack
+    return {"run_id": run_id(cfg), "dataset": cfg.dataset.name, "model": cfg.model.name,
+            "attack": a.name if a else "none", "defense": cfg.defense.name,
+            "poison_rate": a.poison_rate if a else 0.0, "target": a.target if a else None,
+            "label_mode": a.label_mode if a else None, "seed": cfg.seed,
+            "config_hash": config_hash(cfg), "git_sha": git_sha(), "version": bench.__version__}
+
+
+def prepare(cfg: RunConfig) -> tuple[PoisonedTrain, ImageSet, TriggeredTest | None]:
+    """Load the dataset and poison it (bad input raises ``BenchError`` before any training)."""
+    d = cfg.dataset
+    train, test = load_dataset(d.name, data_root=cfg.data_root, full=d.full, download=d.download,
+                               image_size=d.image_size, synthetic=d.synthetic)
+    create_model(cfg.model.name, train.num_classes, train.x.shape[1], **cfg.model.kwargs)
+    if cfg.attack is None:
+        return clean(train), test, None
+    ptrain, triggered = poison(train, test, cfg.attack, cfg.seed)
+    return ptrain, test, triggered
+
+
+def to_device(s: ImageSet, device: torch.device) -> ImageSet:
+    return replace(s, x=s.x.to(device), y=s.y.to(device))
+
+
+def evaluate(model, test: ImageSet, triggered: TriggeredTest | None, eng: Engine) -> dict:
+    pred = predict(model, test.x.to(eng.device), eng).argmax(1)
+    out = {"ba": metrics.accuracy(pred, test.y), "asr": math.nan, "ra": math.nan}
+    if triggered is not None:
+        tpred = predict(model, triggered.x.to(eng.device), eng).argmax(1)
+        out["asr"] = metrics.attack_success_rate(tpred, triggered.y)
+        out["ra"] = metrics.robust_accuracy(tpred, triggered.y_true)
+    return out
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run one configuration end to end and return its row (not yet written)."""
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # library code uses explicit generators; this pins the rest
+    timer = StageTimer(device)
+    with timer("poison"):
+        ptrain, test, triggered = prepare(cfg)
+    data = ptrain.data
+    eng = Engine(device, data.mean, data.std, amp=cfg.amp, channels_last=cfg.channels_last,
+                 normalize=cfg.train.normalize, progress=cfg.progress)
+
+    def make_model():
+        with torch.random.fork_rng(devices=[]):  # same initial weights for every defense
+            torch.manual_seed(derive_seed(cfg.seed, "init"))
+            return create_model(cfg.model.name, data.num_classes, data.x.shape[1],
+                                **cfg.model.kwargs)
+
+    ctx = DefenseContext(eng, cfg.train, make_model, cfg.seed, timer)
+    result = DEFENSES.get(cfg.defense.name).obj(to_device(data, device), cfg.defense.params, ctx)
+    with timer("evaluate"):
+        row = identity(cfg) | evaluate(result.model, test, triggered, eng)
+    row["n_poisoned"] = ptrain.n_poisoned
+    flagged = {k: v.cpu().bool() for k, v in result.suspects.items()}
+    final = next(reversed(flagged.values()), None)  # the last stage's suspects are the headline
+    row["iso_precision"], row["iso_recall"] = (metrics.isolation_quality(final, ptrain.kind)
+                                               if final is not None else (math.nan, math.nan))
+    row["n_suspects"] = int(final.sum()) if final is not None else None
+    extra = dict(result.extra)
+    for stage, mask in flagged.items():
+        p, r = metrics.isolation_quality(mask, ptrain.kind)
+        extra |= {f"{stage}_iso_precision": p, f"{stage}_iso_recall": r}
+    row |= {"wall_s": time.perf_counter() - start, "stage_s": timer.seconds,
+            "peak_mem_mb": timer.peak_mem_mb, "device": str(device),
+            "threads": torch.get_num_threads(), "status": "ok", "error": None,
+            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "extra": extra}
+    return row
+
+
+def finished_row(cfg: RunConfig) -> dict | None:
+    """The ``ok`` row of an earlier identical run, if any (for resumable sweeps)."""
+    path = row_path(cfg.results_dir, run_id(cfg))
+    row = read_row(path) if path.exists() else None
+    return row if row and row.get("status") == "ok" else None
+
+
+def run_and_record(cfg: RunConfig) -> dict:
+    """Run (or skip, if already done) and write the row. Bad input raises ``BenchError`` and
+    writes nothing; any other failure is written as a ``failed`` row and returned."""
+    if not cfg.force and (done := finished_row(cfg)) is not None:
+        log.info("skipping %s: already done (force=true reruns it)", done["run_id"])
+        return done
+    start = time.perf_counter()
+    try:
+        row = run(cfg)
+    except BenchError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a failed job is a row, the sweep goes on
+        log.exception("run failed")
+        row = identity(cfg) | {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                               "wall_s": time.perf_counter() - start,
+                               "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}
+    write_row(cfg.results_dir, row)
+    return row
+
+
+def summary(row: dict) -> str:
+    def f(v):
+        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    head = f"{row['dataset']} {row['model']} attack={row['attack']} defense={row['defense']}"
+    if row["status"] != "ok":
+        return f"{head} seed={row['seed']}: FAILED {row['error']}"
+    return (f"{head} seed={row['seed']}: BA {f(row['ba'])} | ASR {f(row['asr'])} | "
+            f"RA {f(row['ra'])} | {row['wall_s']:.1f}s")
