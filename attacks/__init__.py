@@ -1,6 +1,13 @@
-"""Attack zoo. Importing the package registers every attack in ``ATTACKS``."""
+"""Attack zoo. Importing the package imports every module in it, which registers each attack
+in ``ATTACKS`` (one file per attack, named as its registry key)."""
 
-from attacks import badnets, blended  # noqa: F401  (registration side effects)
+import importlib
+import pkgutil
+
 from attacks.base import ATTACKS, Attack
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = ["ATTACKS", "Attack"]

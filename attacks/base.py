@@ -23,10 +23,14 @@ class Attack:
     Attributes:
         label_modes: label modes the attack supports (first is the default).
         clean_label: True when the attack only triggers target-class samples and keeps labels.
+    cover_ratio: number of cover samples per poisoned sample. The harness draws
+        ``round(cover_ratio * n_poisoned)`` further samples, passes them through ``cover`` and
+        keeps their labels; they are bookkept as ``kind = 2``, never as poisoned.
     """
 
     label_modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
     clean_label: ClassVar[bool] = False
+    cover_ratio: float = 0.0  # cover samples per poisoned sample (WaNet's noise mode)
 
     def __init__(self, params, shape: tuple[int, int, int], gen: torch.Generator) -> None:
         self.params = params
@@ -34,6 +38,10 @@ class Attack:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Trigger a uint8 batch ``[B, C, H, W]``; returns a new uint8 tensor, same shape."""
+        raise NotImplementedError
+
+    def cover(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Transform cover samples (labels unchanged); only for attacks with ``cover_ratio``."""
         raise NotImplementedError
 
     def for_test(self) -> Attack:

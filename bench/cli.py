@@ -42,7 +42,8 @@ def check_overrides(argv: list[str]) -> None:
         for opt in value.split(","):
             opt = opt.strip()
             if opt and opt not in known:
-                sys.exit(f"error: unknown {key} '{opt}'; known: {', '.join(known)}")
+                sys.stderr.write(f"error: unknown {key} '{opt}'; known: {', '.join(known)}\n")
+                sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.errors import BenchError
+
 log = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist", "cifar10", "cifar100", "gtsrb",
@@ -47,7 +49,7 @@ _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(BenchError):
     """A dataset is missing, corrupt or unknown; the message says how to fix it."""
 
 

@@ -20,7 +20,7 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of ``pred == y``; NaN for an empty set."""
     if len(y) == 0:
         return math.nan
-    return (pred.cpu() == y.cpu()).float().mean().item()
+    return (pred.cpu() == y.cpu()).sum().item() / len(y)
 
 
 def attack_success_rate(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.errors import ConfigError
+
 __all__ = [
     "MODELS",
     "Classifier",
@@ -41,7 +43,7 @@ TIMM_PREFIX = "timm/"
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
-class ModelError(ValueError):
+class ModelError(ConfigError):
     """An unknown model name or an unknown keyword argument for a model."""
 
 
@@ -89,7 +91,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn
 
 
 class Classifier(nn.Module):
-    """``body`` maps ``[B, C, H, W]`` images to ``[B, feature_dim]``; ``fc`` maps those to logits."""
+    """``body``: images ``[B, C, H, W]`` -> ``[B, feature_dim]``; ``fc``: those -> logits."""
 
     def __init__(self, body: nn.Module, feature_dim: int, num_classes: int) -> None:
         super().__init__()
@@ -220,14 +222,18 @@ class PreActBlock(nn.Module):
 
 
 def _stages(
-    block: type[nn.Module], cin: int, widths: Sequence[int], depths: Sequence[int],
+    block: type[nn.Module],
+    cin: int,
+    widths: Sequence[int],
+    depths: Sequence[int],
     strides: Sequence[int],
 ) -> list[nn.Module]:
     """One ``nn.Sequential`` per stage; the first block of a stage carries its stride."""
     stages = []
     for width, depth, stride in zip(widths, depths, strides, strict=True):
-        blocks = [block(cin if i == 0 else width, width, stride if i == 0 else 1)
-                  for i in range(depth)]
+        blocks = [
+            block(cin if i == 0 else width, width, stride if i == 0 else 1) for i in range(depth)
+        ]
         stages.append(nn.Sequential(*blocks))
         cin = width
     return stages
@@ -242,14 +248,19 @@ def _pool() -> list[nn.Module]:
 
 @register_model
 def cnn_small(num_classes: int, in_chans: int = 3, width: float = 1.0) -> Classifier:
-    """CPU-scale ResNet: 3×3 stem (24 ch), three BasicBlock stages (32, 64, 128), stride 2 each.
+    """CPU-scale ResNet: full-resolution 3×3 stem (16 ch), then three BasicBlock stages of widths
+    (32, 64, 128), each halving the resolution (28→14→7→4).
 
-    About 10 M MACs per 1×28×28 image, so Fashion-MNIST trains in minutes on 2 cores.
-    ``width`` scales every channel count (tests use a tiny one).
+    About 9.3 M MACs and 0.3 M parameters for a 1×28×28 image: ~90% Fashion-MNIST test accuracy
+    after 2 epochs at several thousand img/s on 2 cores (bf16 autocast). Downsampling in the
+    first stage rather than the stem costs a little speed and keeps small triggers at full
+    resolution in the first layer. ``width`` scales every channel count (tests use a tiny one).
     """
-    stem_w, *widths = (max(4, round(c * width)) for c in (24, 32, 64, 128))
+    stem_w, *widths = (max(4, round(c * width)) for c in (16, 32, 64, 128))
     body = nn.Sequential(
-        _conv3x3(in_chans, stem_w), nn.BatchNorm2d(stem_w), nn.ReLU(inplace=True),
+        _conv3x3(in_chans, stem_w),
+        nn.BatchNorm2d(stem_w),
+        nn.ReLU(inplace=True),
         *_stages(BasicBlock, stem_w, widths, (1, 1, 1), (2, 2, 2)),
         *_pool(),
     )
@@ -273,7 +284,9 @@ def preact_resnet18(num_classes: int, in_chans: int = 3) -> Classifier:
 def resnet18(num_classes: int, in_chans: int = 3) -> Classifier:
     """CIFAR ResNet-18 as in DBD: 3×3 stride-1 stem, no max-pool, kaiming fan_out conv init."""
     body = nn.Sequential(
-        _conv3x3(in_chans, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        _conv3x3(in_chans, 64),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
         *_stages(BasicBlock, 64, (64, 128, 256, 512), (2, 2, 2, 2), (1, 2, 2, 2)),
         *_pool(),
     )
@@ -288,7 +301,8 @@ def wrn16_1(num_classes: int, in_chans: int = 3) -> Classifier:
     body = nn.Sequential(
         _conv3x3(in_chans, 16),
         *_stages(PreActBlock, 16, (16, 32, 64), (2, 2, 2), (1, 2, 2)),
-        nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
         *_pool(),
     )
     model = Classifier(body, 64, num_classes)

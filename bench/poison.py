@@ -105,6 +105,12 @@ def select_indices(y: torch.Tensor, spec: AttackSpec, gen: torch.Generator) -> t
     return pool[pick].sort().values
 
 
+def select_cover(kind: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` sorted indices among the not-yet-poisoned samples (at most all of them)."""
+    pool = torch.nonzero(kind == CLEAN).flatten()
+    return pool[torch.randperm(len(pool), generator=gen)[: min(n, len(pool))]].sort().values
+
+
 def target_labels(y: torch.Tensor, spec: AttackSpec, num_classes: int) -> torch.Tensor:
     if spec.label_mode == "all2all":
         return (y + 1) % num_classes
@@ -137,6 +143,11 @@ def poison(
     y[idx] = target_labels(train.y[idx], spec, train.num_classes)
     kind = torch.zeros(len(y), dtype=torch.int64)
     kind[idx] = POISONED
+    if attack.cover_ratio > 0:
+        cov = select_cover(kind, round(attack.cover_ratio * len(idx)),
+                           generator(seed, f"cover/{spec.name}"))
+        x[cov] = attack.cover(train.x[cov], generator(seed, f"cover_noise/{spec.name}"))
+        kind[cov] = COVER
     data = ImageSet(x=x, y=y, num_classes=train.num_classes, mean=train.mean, std=train.std,
                     hflip=train.hflip, name=train.name, classes=train.classes)
     keep = torch.arange(len(test.y))

@@ -67,8 +67,9 @@ def build_params(cls: type | None, values: Mapping[str, Any], owner: str) -> Any
     for key, value in values.items():
         ftype = fields[key].type
         default = fields[key].default
-        if default is dataclasses.MISSING and fields[key].default_factory is not dataclasses.MISSING:
-            default = fields[key].default_factory()
+        factory = fields[key].default_factory
+        if default is dataclasses.MISSING and factory is not dataclasses.MISSING:
+            default = factory()
         if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
             value = build_params(type(default), value, f"{owner}.{key}")
         elif isinstance(value, list):

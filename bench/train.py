@@ -110,7 +110,9 @@ def lr_factor(cfg: TrainCfg, epoch: float) -> float:
         return cfg.gamma ** sum(int(epoch) >= m for m in cfg.milestones)
     if cfg.schedule == "constant":
         return 1.0
-    raise ConfigError(f"unknown train.schedule '{cfg.schedule}'; known: cosine, multistep, constant")
+    raise ConfigError(
+        f"unknown train.schedule '{cfg.schedule}'; known: cosine, multistep, constant"
+    )
 
 
 def batches(n: int, size: int, gen: torch.Generator | None, drop_last: bool = False

@@ -1,0 +1,51 @@
+"""The command line as a user runs it (subprocesses)."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from bench.rows import COLUMNS
+from tests.conftest import TINY
+
+
+def bench(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def test_multirun_two_jobs_two_rows(tmp_path):
+    res = tmp_path / "res"
+    out = bench(*TINY, "train.epochs=1", f"results_dir={res}", "attack=badnets,blended",
+                "defense=none", "-m", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    df = pd.read_csv(res / "runs.csv")
+    assert list(df.columns[: len(COLUMNS)]) == COLUMNS
+    assert len(df) == 2 and sorted(df.attack) == ["badnets", "blended"]
+    assert (df.status == "ok").all() and df.ba.between(0, 1).all()
+    assert out.stdout.count("BA ") == 2  # one summary line per job
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("attack=wannet", "unknown attack 'wannet'; known: "),
+    ("model=nope", "unknown model 'nope'; known: "),
+    ("attack.poison_rate=1.5", "poison_rate must be in (0, 1)"),
+    ("attack.target=7", "attack.target must be in [0, 3]"),
+    ("dataset=cifar10", "set data_root"),
+])
+def test_bad_input_one_line_nonzero_nothing_written(tmp_path, override, needle):
+    res = tmp_path / "res"
+    base = ["progress=false"] if override.startswith("dataset=") else TINY
+    out = bench(*base, f"results_dir={res}", f"data_root={tmp_path / 'none'}", override,
+                cwd=tmp_path)
+    assert out.returncode == 2
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], out.stderr
+    assert not (res / "runs.csv").exists() and not (res / "rows").exists()
+
+
+def test_cfg_job_shows_composed_config(tmp_path):
+    out = bench("attack=blended", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "name: blended" in out.stdout and "alpha: 0.2" in out.stdout

@@ -1,0 +1,35 @@
+import math
+
+import torch
+
+from bench import metrics
+
+
+def test_accuracy_hand_computed():
+    assert metrics.accuracy(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 0])) == 0.5
+    assert math.isnan(metrics.accuracy(torch.tensor([]), torch.tensor([])))
+
+
+def test_asr_and_ra_on_same_triggered_set():
+    target = torch.zeros(5, dtype=torch.long)
+    y_true = torch.tensor([1, 2, 3, 1, 2])
+    pred = torch.tensor([0, 0, 3, 1, 0])  # 3 fooled, 2 correct
+    assert metrics.attack_success_rate(pred, target) == 0.6
+    assert metrics.robust_accuracy(pred, y_true) == 0.4
+
+
+def test_isolation_quality_counts_only_kind_1():
+    kind = torch.tensor([0, 1, 1, 2, 0, 1])
+    flagged = torch.tensor([True, True, False, True, False, True])
+    p, r = metrics.isolation_quality(flagged, kind)
+    assert p == 2 / 4  # the cover sample (kind 2) is a false positive
+    assert r == 2 / 3
+    p, r = metrics.isolation_quality(torch.zeros(6, dtype=torch.bool), kind)
+    assert math.isnan(p) and r == 0.0
+
+
+def test_der_matches_definition():
+    # ASR drops 0.9, BA drops 0.02 -> (0.9 - 0.02 + 1) / 2
+    assert abs(metrics.der(0.90, 0.95, 0.88, 0.05) - 0.94) < 1e-9
+    # a defense that raises BA and ASR: no credit, no penalty
+    assert metrics.der(0.8, 0.5, 0.9, 0.6) == 0.5

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from attacks import ATTACKS
+from bench.errors import ConfigError
+from bench.poison import COVER, POISONED, AttackSpec, poison
+from tests.conftest import image_set
+
+
+def spec(name="badnets", rate=0.25, target=0, mode="all2one", select_from="non_target", **p):
+    return AttackSpec(name=name, poison_rate=rate, target=target, label_mode=mode,
+                      select_from=select_from, params=ATTACKS.params(name, p))
+
+
+def test_exact_count_non_target_and_labels():
+    train, test = image_set(40), image_set(20, seed=1)
+    pt, tt = poison(train, test, spec(), seed=0)
+    idx = torch.nonzero(pt.kind == POISONED).flatten()
+    assert len(idx) == pt.n_poisoned == round(0.25 * 40)
+    assert (pt.y_true[idx] != 0).all()  # drawn from non-target samples
+    assert (pt.data.y[idx] == 0).all()
+    untouched = pt.kind == 0
+    assert torch.equal(pt.data.x[untouched], train.x[untouched])
+    assert torch.equal(pt.data.y[untouched], train.y[untouched])
+    assert not (pt.data.x[idx] == train.x[idx]).all()
+
+
+def test_triggered_test_excludes_target_class():
+    train, test = image_set(40), image_set(20, seed=1)
+    _, tt = poison(train, test, spec(target=2), seed=0)
+    assert len(tt.y) == int((test.y != 2).sum())
+    assert (tt.y_true != 2).all() and (tt.y == 2).all()
+
+
+def test_all2all_shifts_labels_and_keeps_every_test_sample():
+    train, test = image_set(40), image_set(20, seed=1)
+    pt, tt = poison(train, test, spec(mode="all2all"), seed=0)
+    idx = pt.kind == POISONED
+    assert torch.equal(pt.data.y[idx], (pt.y_true[idx] + 1) % 4)
+    assert len(tt.y) == 20 and torch.equal(tt.y, (tt.y_true + 1) % 4)
+
+
+def test_badnets_changes_exactly_the_patch_pixels():
+    train = image_set(8, c=3, hw=10)
+    attack = ATTACKS.get("badnets").obj(ATTACKS.params("badnets", {"size": 3}), (3, 10, 10),
+                                        torch.Generator())
+    x = train.x.clone()
+    x[:, :, 7:, 7:] = 0  # make sure every patch pixel changes
+    out = attack.apply(x)
+    diff = (out != x).any(1)
+    expect = torch.zeros(10, 10, dtype=torch.bool)
+    expect[7:, 7:] = True
+    assert torch.equal(diff, expect.expand(8, 10, 10))
+    assert (out[:, :, 7:, 7:] == 255).all()
+
+
+def test_abl_grid_pattern():
+    attack = ATTACKS.get("badnets").obj(ATTACKS.params("badnets", {"pattern": "abl_grid"}),
+                                        (1, 32, 32), torch.Generator())
+    out = attack.apply(torch.full((1, 1, 32, 32), 77, dtype=torch.uint8))[0, 0]
+    grid = torch.tensor([[0, 0, 255], [0, 255, 0], [255, 0, 255]], dtype=torch.uint8)
+    assert torch.equal(out[29:, 29:], grid)
+    assert (out[:29] == 77).all() and (out[:, :29] == 77).all()
+
+
+def test_blended_equals_blend_equation():
+    attack = ATTACKS.get("blended").obj(ATTACKS.params("blended", {"alpha": 0.2}), (1, 8, 8),
+                                        torch.Generator())
+    x = image_set(5).x
+    expect = 0.8 * x.double() + 0.2 * attack.pattern.double()
+    assert (attack.apply(x).double() - expect).abs().max() <= 0.5 + 1e-6
+
+
+def test_same_seed_same_poisoned_set_different_seed_differs():
+    train, test = image_set(40), image_set(20, seed=1)
+    a, _ = poison(train, test, spec(), seed=3)
+    b, _ = poison(train, test, spec(), seed=3)
+    c, _ = poison(train, test, spec(), seed=4)
+    assert torch.equal(a.data.x, b.data.x) and torch.equal(a.kind, b.kind)
+    assert not torch.equal(a.kind, c.kind)
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, -0.1, 1.5])
+def test_rate_outside_open_interval_is_an_error(rate):
+    with pytest.raises(ConfigError, match="poison_rate"):
+        poison(image_set(40), image_set(8), spec(rate=rate), seed=0)
+
+
+def test_target_out_of_range_and_too_many_samples():
+    with pytest.raises(ConfigError, match="target"):
+        poison(image_set(40), image_set(8), spec(target=4), seed=0)
+    with pytest.raises(ConfigError, match="eligible"):
+        poison(image_set(40), image_set(8), spec(rate=0.9), seed=0)  # only 30 non-target
+
+
+def test_cover_constant_is_distinct():
+    assert COVER not in (0, POISONED)
