@@ -50,7 +50,9 @@ def patch_origin(p: BadNetsParams, h: int, w: int) -> tuple[int, int]:
     }
     if isinstance(p.position, str):
         if p.position not in corners:
-            raise ConfigError(f"unknown badnets position '{p.position}'; known: {', '.join(corners)}")
+            raise ConfigError(
+                f"unknown badnets position '{p.position}'; known: {', '.join(corners)}"
+            )
         r, c = corners[p.position]
     else:
         r, c = (int(v) for v in p.position)

@@ -26,6 +26,8 @@ class DatasetCfg:
     download: let torchvision download missing files (needs network).
     image_size: resize target for datasets with varying image sizes (gtsrb).
     synthetic: parameters of the ``synthetic`` set.
+    limit_train, limit_test: keep only the first N samples (quick runs and tests; the loaders
+        keep a mixed class order, so a prefix is roughly balanced). None keeps all.
     """
 
     name: str = "fashion_mnist"
@@ -33,6 +35,8 @@ class DatasetCfg:
     download: bool = False
     image_size: int | None = None
     synthetic: dict | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
 
 
 @dataclass(frozen=True)

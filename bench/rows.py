@@ -68,7 +68,7 @@ def load_rows(results_dir: str | Path) -> pd.DataFrame:
         if c not in df:
             df[c] = None
     for c in ("stage_s", "extra"):
-        df[c] = df[c].map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
+        df[c] = df[c].map(lambda v: json.dumps(v) if isinstance(v, dict) else v)
     df = df[COLUMNS + sorted(set(df.columns) - set(COLUMNS))]
     keys = ["dataset", "model", "attack", "defense", "poison_rate", "seed", "run_id"]
     return df.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)

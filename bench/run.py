@@ -65,6 +65,8 @@ def prepare(cfg: RunConfig) -> tuple[PoisonedTrain, ImageSet, TriggeredTest | No
     d = cfg.dataset
     train, test = load_dataset(d.name, data_root=cfg.data_root, full=d.full, download=d.download,
                                image_size=d.image_size, synthetic=d.synthetic)
+    train = train.subset(torch.arange(min(d.limit_train or len(train), len(train))))
+    test = test.subset(torch.arange(min(d.limit_test or len(test), len(test))))
     create_model(cfg.model.name, train.num_classes, train.x.shape[1], **cfg.model.kwargs)
     if cfg.attack is None:
         return clean(train), test, None
@@ -76,11 +78,12 @@ def to_device(s: ImageSet, device: torch.device) -> ImageSet:
     return replace(s, x=s.x.to(device), y=s.y.to(device))
 
 
-def evaluate(model, test: ImageSet, triggered: TriggeredTest | None, eng: Engine) -> dict:
-    pred = predict(model, test.x.to(eng.device), eng).argmax(1)
+def evaluate(model, test: ImageSet, triggered: TriggeredTest | None, eng: Engine,
+             normalize: bool | None = None) -> dict:
+    pred = predict(model, test.x.to(eng.device), eng, normalize=normalize).argmax(1)
     out = {"ba": metrics.accuracy(pred, test.y), "asr": math.nan, "ra": math.nan}
     if triggered is not None:
-        tpred = predict(model, triggered.x.to(eng.device), eng).argmax(1)
+        tpred = predict(model, triggered.x.to(eng.device), eng, normalize=normalize).argmax(1)
         out["asr"] = metrics.attack_success_rate(tpred, triggered.y)
         out["ra"] = metrics.robust_accuracy(tpred, triggered.y_true)
     return out
@@ -109,7 +112,7 @@ def run(cfg: RunConfig) -> dict:
     ctx = DefenseContext(eng, cfg.train, make_model, cfg.seed, timer)
     result = DEFENSES.get(cfg.defense.name).obj(to_device(data, device), cfg.defense.params, ctx)
     with timer("evaluate"):
-        row = identity(cfg) | evaluate(result.model, test, triggered, eng)
+        row = identity(cfg) | evaluate(result.model, test, triggered, eng, result.normalize)
     row["n_poisoned"] = ptrain.n_poisoned
     flagged = {k: v.cpu().bool() for k, v in result.suspects.items()}
     final = next(reversed(flagged.values()), None)  # the last stage's suspects are the headline

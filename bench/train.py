@@ -127,9 +127,11 @@ def batches(n: int, size: int, gen: torch.Generator | None, drop_last: bool = Fa
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: Engine,
         gen: torch.Generator, *, hflip: bool, loss_fn: LossFn | None = None,
-        desc: str = "train", optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
+        desc: str = "train", optimizer: torch.optim.Optimizer | None = None,
+        shuffle: bool = True) -> list[dict]:
     """Train ``model`` on uint8 ``x`` [N, C, H, W] and labels ``y`` [N] (both on ``eng.device``).
 
+    ``gen`` drives data order (unless ``shuffle`` is False: in index order) and augmentation.
     Returns one dict per epoch (``epoch``, ``loss``, ``acc``, ``lr``). Raises ``DivergedError`` on a
     non-finite loss, naming the epoch.
     """
@@ -142,12 +144,13 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: 
         model.train()
         tot_loss = torch.zeros((), device=eng.device)
         correct = torch.zeros((), device=eng.device, dtype=torch.long)
-        bar = eng.bar(enumerate(batches(len(x), cfg.batch_size, gen)), total=steps,
+        order = batches(len(x), cfg.batch_size, gen if shuffle else None)
+        bar = eng.bar(enumerate(order), total=steps,
                       desc=f"{desc} {epoch + 1}/{cfg.epochs}")
         for i, idx in bar:
             for g, base in zip(opt.param_groups, base_lrs, strict=True):
                 g["lr"] = base * lr_factor(cfg, epoch + i / steps)
-            xb = eng.prep(augment(x[idx], cfg.augment, gen, hflip))
+            xb = eng.prep(augment(x[idx], cfg.augment, gen, hflip), cfg.normalize)
             with eng.autocast():
                 out = model(xb)
                 loss = loss_fn(out.float(), y[idx])
@@ -169,20 +172,23 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, eng: Engine, batch_size: int = 1024
-            ) -> torch.Tensor:
-    """Logits (float32, on ``eng.device``) for uint8 ``x``, model in eval mode, no augmentation."""
+def predict(model: nn.Module, x: torch.Tensor, eng: Engine, batch_size: int = 1024,
+            normalize: bool | None = None) -> torch.Tensor:
+    """Logits (float32, on ``eng.device``) for uint8 ``x``, model in eval mode, no augmentation.
+
+    ``normalize`` overrides the engine's input normalisation (a model trained without it must be
+    evaluated without it)."""
     model.eval()
     outs = []
     for i in range(0, len(x), batch_size):
         with eng.autocast():
-            outs.append(model(eng.prep(x[i : i + batch_size])).float())
+            outs.append(model(eng.prep(x[i : i + batch_size], normalize)).float())
     if not outs:
         return torch.zeros((0, 0), device=eng.device)
     return torch.cat(outs)
 
 
 def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eng: Engine,
-                    batch_size: int = 1024) -> torch.Tensor:
+                    batch_size: int = 1024, normalize: bool | None = None) -> torch.Tensor:
     """Cross-entropy of every sample, eval mode, un-augmented: float32 ``[N]``."""
-    return F.cross_entropy(predict(model, x, eng, batch_size), y, reduction="none")
+    return F.cross_entropy(predict(model, x, eng, batch_size, normalize), y, reduction="none")

@@ -28,11 +28,14 @@ class DefenseResult:
     suspects: stage name → boolean mask ``[N]`` of training samples the defense flagged as
         poisoned (ABL's isolated set, DBD's unlabelled set, ...). Scored by the harness.
     extra: defense-specific numbers worth a column (flat ``{name: float}``).
+    normalize: whether the final model expects normalised inputs (None: the run's
+        ``train.normalize``); evaluation prepares test images the same way.
     """
 
     model: nn.Module
     suspects: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, float] = field(default_factory=dict)
+    normalize: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -134,17 +134,18 @@ def test_timm_model_wrapped():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = create_model("timm/resnet10t", num_classes=7, in_chans=1).eval()
-    assert model.fc is model.model.get_classifier()
+    assert model.fc is model.body.get_classifier()
     assert model.feature_dim == 512
+    assert sum(1 for _ in model.parameters()) == sum(1 for _ in model.body.parameters())
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         feats = model.features(x)
         logits = model(x)
-        reference = model.model(x)
+        reference = model.body(x)
     assert feats.shape == (2, 512) and logits.shape == (2, 7)
     torch.testing.assert_close(model.head(feats), logits)
     torch.testing.assert_close(logits, reference)
-    assert isinstance(model.model, timm.models.ResNet)
+    assert isinstance(model.body, timm.models.ResNet)
 
 
 def test_timm_errors():

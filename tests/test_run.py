@@ -10,7 +10,7 @@ from bench.run import run, run_and_record
 
 
 def test_run_learns_backdoor_and_row_has_schema(tiny_cfg):
-    row = run(tiny_cfg("train.epochs=4", "dataset.synthetic.n_train=2000"))
+    row = run(tiny_cfg("train.epochs=5", "dataset.synthetic.n_train=2000"))
     assert row["status"] == "ok"
     assert row["ba"] > 0.8 and row["asr"] > 0.8
     assert row["n_poisoned"] == round(0.1 * 2000)

@@ -1,0 +1,130 @@
+"""ABL — Anti-Backdoor Learning (Li et al., NeurIPS 2021, arXiv 2110.11571).
+
+Threat model: the defender trains on a poisoned set with no clean reserve and no knowledge of
+the poison rate. Premise: backdoor samples are learned much faster than clean ones.
+
+Stages (each a timed stage, every number a config key in ``conf/defense/abl.yaml``):
+1. ``isolation_train`` — train from scratch while keeping the loss near γ (local gradient
+   ascent), so fast-learned (poisoned) samples end with the lowest loss.
+2. ``isolate`` — per-sample CE on the un-augmented training set, model in eval mode; the lowest
+   ``isolation_ratio`` fraction is the isolated set (reported to the harness as suspects).
+3. ``finetune`` — continue training the isolation model on the remaining samples.
+4. ``unlearn`` — gradient ascent (−CE) on the isolated set.
+
+Where we follow the official code (bboylyg/ABL @3fd736c) rather than the paper:
+- the ascent form defaults to ``flooding`` (``|ℓ̄−γ|+γ`` on the batch mean, the config default);
+  the paper's per-sample ``sign(ℓ−γ)·ℓ`` is ``ascent: lga``;
+- isolation training runs 10 epochs (``tuning_epochs``; the paper says T_te = 20), SGD-Nesterov
+  lr 0.1, momentum 0.9, wd 1e-4, constant lr, no augmentation, no shuffling; inputs are never
+  normalised anywhere in ABL (``normalize: false``);
+- stage B of the paper (descend on the rest and ascend on the isolated set jointly) is two
+  sequential phases in the code: fine-tune 60 epochs (lr 0.1 → 0.01 at epoch 40, crop + flip +
+  Cutout) then 4 epochs of pure ascent at lr 5e-4 (``unlearning_epochs: 5`` with epoch 0 only
+  evaluating). The paper's joint objective is ``unlearn_mode: joint``.
+- ABL's ``Cutout(length=3)`` zeroes ``[c−1, c+1)``, a 2×2 hole: ``cutout: 2`` here.
+Deviation: batches are drawn by our engine (device-side permutation); ``shuffle: false``
+reproduces the official in-order isolation loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from bench.augment import AugmentCfg
+from bench.data import ImageSet
+from bench.errors import ConfigError
+from bench.train import TrainCfg, batches, fit, per_sample_loss
+from defenses.base import DEFENSES, DefenseContext, DefenseResult
+from defenses.losses import flooding, lga, negative_ce
+
+NO_AUG = AugmentCfg(crop_pad=0, flip=False, cutout=0)
+
+
+def _sgd(**kw) -> TrainCfg:
+    base = dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-4,
+                batch_size=128, normalize=False, augment=NO_AUG, schedule="constant")
+    return TrainCfg(**(base | kw))
+
+
+@dataclass(frozen=True)
+class ABLParams:
+    """Official defaults (bboylyg/ABL config.py); see the module docstring."""
+
+    isolation: TrainCfg = field(default_factory=lambda: _sgd(epochs=10, lr=0.1))
+    shuffle: bool = False
+    ascent: str = "flooding"
+    gamma: float = 0.5
+    isolation_ratio: float = 0.01
+    finetune: TrainCfg = field(default_factory=lambda: _sgd(
+        epochs=60, lr=0.1, schedule="multistep", milestones=(40,), gamma=0.1,
+        augment=AugmentCfg(crop_pad=4, flip=None, cutout=2)))
+    unlearn: TrainCfg = field(default_factory=lambda: _sgd(epochs=4, lr=5e-4))
+    unlearn_mode: str = "ascent"
+
+
+def isolate(losses: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean mask of the ``int(ratio * N)`` lowest-loss samples (ABL's isolated set)."""
+    n = int(len(losses) * ratio)
+    mask = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)
+    mask[torch.argsort(losses, stable=True)[:n]] = True
+    return mask
+
+
+def unlearn_joint(model, rest: ImageSet, iso: ImageSet, cfg: TrainCfg, ctx: DefenseContext,
+                  gen: torch.Generator) -> None:
+    """The paper's stage B: each step descends on a batch of the rest and ascends on a batch
+    of the isolated set (cycled)."""
+    eng = ctx.engine
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    for _ in range(cfg.epochs):
+        model.train()
+        iso_batches = iter(())
+        for idx in batches(len(rest), cfg.batch_size, gen):
+            jdx = next(iso_batches, None)
+            if jdx is None:
+                iso_batches = batches(len(iso), cfg.batch_size, gen)
+                jdx = next(iso_batches)
+            with eng.autocast():
+                loss = (F.cross_entropy(model(eng.prep(rest.x[idx], cfg.normalize)).float(),
+                                        rest.y[idx])
+                        - F.cross_entropy(model(eng.prep(iso.x[jdx], cfg.normalize)).float(),
+                                          iso.y[jdx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+@DEFENSES.register("abl", ABLParams)
+def abl(data: ImageSet, p: ABLParams, ctx: DefenseContext) -> DefenseResult:
+    if p.ascent not in ("flooding", "lga"):
+        raise ConfigError(f"abl ascent must be flooding or lga, got '{p.ascent}'")
+    if p.unlearn_mode not in ("ascent", "joint"):
+        raise ConfigError(f"abl unlearn_mode must be ascent or joint, got '{p.unlearn_mode}'")
+    if not 0 < p.isolation_ratio < 1:
+        raise ConfigError(f"abl isolation_ratio must be in (0, 1), got {p.isolation_ratio}")
+    eng, norm = ctx.engine, p.isolation.normalize
+    model = eng.place(ctx.make_model())
+    ascent = partial(flooding if p.ascent == "flooding" else lga, gamma=p.gamma)
+
+    with ctx.stage("isolation_train"):
+        fit(model, data.x, data.y, p.isolation, eng, ctx.gen("isolation"), hflip=data.hflip,
+            loss_fn=ascent, desc="abl isolation", shuffle=p.shuffle)
+    with ctx.stage("isolate"):
+        losses = per_sample_loss(model, data.x, data.y, eng, normalize=norm)
+        suspect = isolate(losses, p.isolation_ratio)
+    rest, iso = data.subset(~suspect), data.subset(suspect)
+    with ctx.stage("finetune"):
+        fit(model, rest.x, rest.y, p.finetune, eng, ctx.gen("finetune"), hflip=data.hflip,
+            desc="abl finetune")
+    with ctx.stage("unlearn"):
+        if p.unlearn_mode == "ascent":
+            fit(model, iso.x, iso.y, p.unlearn, eng, ctx.gen("unlearn"), hflip=data.hflip,
+                loss_fn=negative_ce, desc="abl unlearn")
+        else:
+            unlearn_joint(model, rest, iso, p.unlearn, ctx, ctx.gen("unlearn"))
+    return DefenseResult(model, suspects={"isolation": suspect}, normalize=p.finetune.normalize)

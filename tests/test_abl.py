@@ -1,0 +1,99 @@
+"""ABL: losses, isolation on a planted set, unlearning, and the defense interface."""
+
+import inspect
+
+import pytest
+import torch
+
+from bench.data import ImageSet
+from bench.run import run
+from defenses.abl import abl, isolate
+from defenses.losses import flooding, lga, negative_ce
+
+
+def test_flooding_value_and_gradient_sign():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    ce = torch.nn.functional.cross_entropy(logits, y)  # ≈ 0.127 < γ = 0.5
+    loss = flooding(logits, y, gamma=0.5)
+    assert torch.isclose(loss, (ce - 0.5).abs() + 0.5)
+    loss.backward()
+    g_flood = logits.grad.clone()
+    logits.grad = None
+    ce2 = torch.nn.functional.cross_entropy(logits, y)
+    ce2.backward()
+    assert torch.allclose(g_flood, -logits.grad)  # below γ: ascent
+
+
+def test_lga_is_per_sample():
+    logits = torch.tensor([[4.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0])
+    l1 = torch.nn.functional.cross_entropy(logits, y, reduction="none")  # ≈ [0.018, 0.693]
+    expect = (-l1[0] + l1[1]) / 2
+    assert torch.isclose(lga(logits, y, gamma=0.5), expect)
+    lga(logits, y, gamma=0.5).backward()
+    # sample 0 (below γ) is pushed up: its target logit gets a positive gradient (descent lowers it)
+    assert logits.grad[0, 0] > 0 and logits.grad[1, 0] < 0
+
+
+def test_negative_ce():
+    logits, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    assert torch.isclose(negative_ce(logits, y), -torch.nn.functional.cross_entropy(logits, y))
+
+
+def test_isolate_takes_lowest_fraction():
+    losses = torch.tensor([0.5, 0.01, 3.0, 0.02, 1.0, 0.9, 0.7, 0.3, 2.0, 0.6])
+    mask = isolate(losses, 0.2)
+    assert mask.tolist() == [False, True, False, True] + [False] * 6
+
+
+def test_defense_cannot_reach_ground_truth():
+    params = list(inspect.signature(abl).parameters)
+    assert params == ["data", "p", "ctx"]
+    fields = set(ImageSet.__dataclass_fields__)
+    assert not {"y_true", "kind"} & fields
+
+
+@pytest.fixture(scope="module")
+def abl_row(tmp_path_factory):
+    from tests.conftest import compose_cfg
+
+    # 3000 real Fashion-MNIST images, 10% BadNets (300), a half-width model: the backdoor is
+    # learned within 5 epochs of flooding while the clean task is not, as ABL assumes.
+    res = tmp_path_factory.mktemp("abl")
+    cfg = compose_cfg([f"results_dir={res}", "progress=false", "defense=abl",
+                       "dataset.limit_train=3000", "dataset.limit_test=500",
+                       "model.kwargs.width=0.5", "defense.params.isolation.epochs=5",
+                       "defense.params.finetune.epochs=2", "defense.params.finetune.milestones=[1]",
+                       "defense.params.isolation_ratio=0.02"])
+    return run(cfg)
+
+
+def test_isolation_picks_planted_poison_with_precision(abl_row):
+    # isolating the lowest-loss 2% (60 samples) must be almost only poisoned samples
+    assert abl_row["n_suspects"] == 60
+    assert abl_row["iso_precision"] >= 0.9
+    assert abl_row["iso_recall"] == pytest.approx(abl_row["iso_precision"] * 60 / 300)
+
+
+def test_abl_end_to_end_row(abl_row):
+    assert abl_row["status"] == "ok" and abl_row["n_poisoned"] == 300
+    assert list(abl_row["stage_s"])[1:5] == ["isolation_train", "isolate", "finetune", "unlearn"]
+
+
+def test_unlearning_raises_loss_on_isolated_set():
+    from bench.models import create_model
+    from bench.train import Engine, TrainCfg, fit, per_sample_loss
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 1, 12, 12), dtype=torch.uint8)
+    y = torch.randint(0, 3, (64,))
+    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=False)
+    model = create_model("cnn_small", 3, 1, width=0.25)
+    g = torch.Generator().manual_seed(0)
+    fit(model, x, y, TrainCfg(epochs=6, lr=0.05, batch_size=16), eng, g, hflip=False)
+    before = per_sample_loss(model, x, y, eng).mean()
+    fit(model, x, y, TrainCfg(epochs=3, lr=2e-2, batch_size=16, schedule="constant"), eng, g,
+        hflip=False, loss_fn=negative_ce)
+    after = per_sample_loss(model, x, y, eng).mean()
+    assert after > before * 1.3

@@ -1,0 +1,162 @@
+"""Report: leaderboard numbers (means, stds, n, DER by hand), Markdown cells, figures, CLI."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from bench.report import (
+    DEFENSE_COLORS,
+    FALLBACK_COLORS,
+    ReportCallback,
+    defense_colors,
+    leaderboard,
+    main,
+    report,
+)
+from bench.rows import COLUMNS, write_row
+
+NAN = math.nan
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# (attack, defense, seed) -> (ba, asr, iso_precision, iso_recall)
+CELLS = {
+    ("badnets", "none", 0): (0.90, 0.95, NAN, NAN),
+    ("badnets", "none", 1): (0.92, 0.97, NAN, NAN),
+    ("badnets", "abl", 0): (0.88, 0.02, 0.8, 0.7),
+    ("badnets", "abl", 1): (0.86, 0.04, 0.9, 0.5),
+    ("none", "none", 0): (0.93, NAN, NAN, NAN),
+    ("none", "none", 1): (0.95, NAN, NAN, NAN),
+    ("none", "abl", 0): (0.91, NAN, 0.0, NAN),
+    ("none", "abl", 1): (0.89, NAN, 0.0, NAN),
+}
+STAGES = {"none": {"poison": 0.1, "train": 2.0, "evaluate": 0.05},
+          "abl": {"poison": 0.1, "isolate": 1.0, "unlearn": 0.5, "train": 3.0, "evaluate": 0.05}}
+
+
+def make_row(attack: str, defense: str, seed: int, **kw) -> dict:
+    return {"run_id": f"toy-cnn-{attack}-{defense}-s{seed}", "dataset": "toy", "model": "cnn",
+            "attack": attack, "defense": defense, "poison_rate": 0.1 if attack != "none" else 0.0,
+            "seed": seed, "status": "ok", "error": None} | kw
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    res = tmp_path_factory.mktemp("res")
+    for (attack, defense, seed), (ba, asr, prec, rec) in CELLS.items():
+        write_row(res, make_row(attack, defense, seed, ba=ba, asr=asr, ra=1 - ba,
+                                iso_precision=prec, iso_recall=rec, wall_s=10.0 + seed,
+                                peak_mem_mb=100.0, stage_s=STAGES[defense]))
+    write_row(res, make_row("badnets", "abl", 2, status="failed", error="RuntimeError: boom",
+                            wall_s=1.0))
+    return res
+
+
+@pytest.fixture(scope="module")
+def built(results: Path) -> dict[str, Path]:
+    return report(results)  # built once: rendering figures is the slow part
+
+
+def test_leaderboard_csv_numbers(built: dict[str, Path]) -> None:
+    board = pd.read_csv(built["leaderboard.csv"])
+    assert list(zip(board.attack, board.defense, strict=True)) == [
+        ("none", "none"), ("none", "abl"), ("badnets", "none"), ("badnets", "abl")]
+    abl = board.set_index(["attack", "defense"]).loc["badnets", "abl"]
+    assert abl.ba_mean == pytest.approx(0.87) and abl.asr_mean == pytest.approx(0.03)
+    assert abl.ba_std == pytest.approx(0.02 / math.sqrt(2))  # sample std of (0.88, 0.86)
+    assert abl.ba_n == 2  # the failed seed-2 row is not counted
+    assert abl.iso_recall_mean == pytest.approx(0.6) and abl.wall_s_mean == pytest.approx(10.5)
+    # DER per seed vs the none run of the same seed: seed 0 (0.93 - 0.02 + 1) / 2 = 0.955,
+    # seed 1 (0.93 - 0.06 + 1) / 2 = 0.935
+    assert abl.der_mean == pytest.approx(0.945) and abl.der_n == 2
+    assert abl.der_std == pytest.approx(0.02 / math.sqrt(2))
+    clean = board[(board.attack == "none") | (board.defense == "none")]
+    assert clean.der_mean.isna().all() and (clean.der_n == 0).all()
+    assert (board[board.attack == "none"].asr_n == 0).all()
+
+
+def test_der_falls_back_to_none_group_mean() -> None:
+    rows = [make_row("badnets", "none", s, ba=ba, asr=asr) for s, ba, asr in
+            [(0, 0.90, 0.90), (1, 0.94, 1.00)]]
+    rows.append(make_row("badnets", "abl", 7, ba=0.90, asr=0.10))  # no none run with seed 7
+    board = leaderboard(pd.DataFrame(rows, columns=COLUMNS))
+    abl = board[board.defense == "abl"].iloc[0]
+    # vs the none-group mean (BA 0.92, ASR 0.95): (0.85 - 0.02 + 1) / 2
+    assert abl.der_mean == pytest.approx(0.915) and abl.der_n == 1 and math.isnan(abl.der_std)
+    assert math.isnan(abl.ba_std) and abl.ba_n == 1
+
+
+def test_fixed_defense_colours() -> None:
+    colors = defense_colors(["zeta", "dlp", "alpha", "none"])
+    assert colors["none"] == DEFENSE_COLORS["none"] and colors["dlp"] == DEFENSE_COLORS["dlp"]
+    assert colors["alpha"] == FALLBACK_COLORS[0] and colors["zeta"] == FALLBACK_COLORS[1]
+
+
+def test_leaderboard_md_cells_and_failed_note(built: dict[str, Path]) -> None:
+    md = built["leaderboard.md"].read_text()
+    assert "9 runs: 8 ok, 1 failed." in md
+    assert "1 failed run:" in md and "- toy-cnn-badnets-abl-s2 — RuntimeError: boom" in md
+    assert "## toy · cnn · poison rate 0.1" in md
+    assert "| attack \\ defense | none | abl |" in md
+    assert "| none | 94.0±1.4 / — | 90.0±1.4 / — |" in md
+    assert "| badnets | 91.0±1.4 / 96.0±1.4 | 87.0±1.4 / 3.0±1.4 |" in md
+    assert "| badnets | 85.0±7.1 / 60.0±14.1 |" in md  # isolation: only abl reports suspects
+    assert "| badnets | 10.5±0.7 | 10.5±0.7 |" in md  # wall time (s)
+    assert "| badnets | 94.5±1.4 |" in md  # DER (%)
+    assert md.index("| none |") < md.index("| badnets |")
+
+
+def test_figures_are_pngs(built: dict[str, Path]) -> None:
+    for name in ("ba_vs_asr.png", "stage_cost.png"):
+        data = built[name].read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def test_empty_results_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "rows").mkdir()
+    assert main([str(tmp_path)]) == 0
+    assert f"no successful runs in {tmp_path}" in capsys.readouterr().out
+    out = tmp_path / "report"
+    assert f"no successful runs in {tmp_path}" in (out / "leaderboard.md").read_text()
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert board.empty and {"ba_mean", "ba_std", "ba_n", "der_mean"} <= set(board.columns)
+
+
+def test_all_failed_lists_failures(tmp_path: Path) -> None:
+    write_row(tmp_path, make_row("badnets", "abl", 0, status="failed", error="OOM\ntrace"))
+    md = report(tmp_path)["leaderboard.md"].read_text()
+    assert "no successful runs" in md and "- toy-cnn-badnets-abl-s0 — OOM" in md
+
+
+def test_missing_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "no results dir" in capsys.readouterr().err
+
+
+def test_callback_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_row(tmp_path, make_row("badnets", "abl", 0, status="failed", error="boom"))
+    ReportCallback().on_multirun_end(OmegaConf.create({"results_dir": str(tmp_path)}))
+    assert (tmp_path / "report" / "leaderboard.md").exists()
+    with caplog.at_level(logging.WARNING, logger="bench"):
+        ReportCallback().on_multirun_end(OmegaConf.create({"results_dir": "/nonexistent/x"}))
+    assert "report failed" in caplog.text
+
+
+def test_cli_subprocess(tmp_path: Path) -> None:
+    # one undefended group: no DER, so the CLI never imports torch and the test stays fast
+    write_row(tmp_path, make_row("badnets", "none", 0, ba=0.9, asr=0.95, stage_s=STAGES["none"]))
+    write_row(tmp_path, make_row("badnets", "abl", 0, status="failed", error="boom"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 failed run(s)" in proc.stdout and f"wrote {out / 'ba_vs_asr.png'}" in proc.stdout
+    assert {p.name for p in out.iterdir()} == {"leaderboard.csv", "leaderboard.md",
+                                               "ba_vs_asr.png", "stage_cost.png"}
+    assert "| badnets | 90.0 / 95.0 |" in (out / "leaderboard.md").read_text()
