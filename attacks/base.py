@@ -40,6 +40,11 @@ class Attack:
         """Trigger a uint8 batch ``[B, C, H, W]``; returns a new uint8 tensor, same shape."""
         raise NotImplementedError
 
+    def prepare(self, train, idx: torch.Tensor, ctx) -> None:
+        """Learn what the trigger needs from the clean training set (``bench.data.ImageSet``)
+        before ``apply`` is called; ``idx`` are the indices about to be poisoned and ``ctx`` a
+        ``bench.poison.PrepareContext``. Most attacks need nothing."""
+
     def cover(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Transform cover samples (labels unchanged); only for attacks with ``cover_ratio``."""
         raise NotImplementedError

@@ -41,6 +41,19 @@ class AttackSpec:
 
 
 @dataclass(frozen=True)
+class PrepareContext:
+    """What an attack's ``prepare`` step may use: the run's device and precision switches, the
+    seed (for its own generators) and a cache folder for what it learns (surrogates)."""
+
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    channels_last: bool = False
+    cache_dir: str | None = None
+    progress: bool | None = False
+
+
+@dataclass(frozen=True)
 class PoisonedTrain:
     """The poisoned training set. Defenses receive ``data`` only, never ``y_true``/``kind``."""
 
@@ -131,12 +144,18 @@ def apply_batched(attack: Attack, x: torch.Tensor, batch: int = 4096) -> torch.T
 
 
 def poison(
-    train: ImageSet, test: ImageSet, spec: AttackSpec, seed: int
+    train: ImageSet, test: ImageSet, spec: AttackSpec, seed: int,
+    ctx: PrepareContext | None = None,
 ) -> tuple[PoisonedTrain, TriggeredTest]:
-    """Poison ``train`` and build the triggered test set, deterministically from ``seed``."""
+    """Poison ``train`` and build the triggered test set, deterministically from ``seed``.
+
+    Attacks that learn something (a surrogate-based perturbation, a generator) do it in
+    ``attack.prepare(train, idx, ctx)`` on the clean training set before any image is triggered.
+    """
     validate(spec, train.num_classes)
     attack = build_attack(spec, train, seed)
     idx = select_indices(train.y, spec, generator(seed, f"indices/{spec.name}"))
+    attack.prepare(train, idx, ctx or PrepareContext(seed=seed))
     x = train.x.clone()
     y = train.y.clone()
     x[idx] = apply_batched(attack, train.x[idx])

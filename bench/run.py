@@ -18,7 +18,7 @@ from bench.config import RunConfig, config_hash
 from bench.data import ImageSet, load_dataset
 from bench.errors import BenchError
 from bench.models import create_model
-from bench.poison import PoisonedTrain, TriggeredTest, clean, poison
+from bench.poison import PoisonedTrain, PrepareContext, TriggeredTest, clean, poison
 from bench.rows import read_row, row_path, write_row
 from bench.seeding import derive_seed
 from bench.stages import StageTimer
@@ -70,7 +70,10 @@ def prepare(cfg: RunConfig) -> tuple[PoisonedTrain, ImageSet, TriggeredTest | No
     create_model(cfg.model.name, train.num_classes, train.x.shape[1], **cfg.model.kwargs)
     if cfg.attack is None:
         return clean(train), test, None
-    ptrain, triggered = poison(train, test, cfg.attack, cfg.seed)
+    ctx = PrepareContext(seed=cfg.seed, device=str(resolve_device(cfg.device)), amp=cfg.amp,
+                         channels_last=cfg.channels_last,
+                         cache_dir=str(Path(cfg.results_dir) / "cache"), progress=cfg.progress)
+    ptrain, triggered = poison(train, test, cfg.attack, cfg.seed, ctx)
     return ptrain, test, triggered
 
 
