@@ -1,0 +1,288 @@
+"""Tests for the attacks that learn their trigger on a clean surrogate (label-consistent, TrojanNN,
+low-frequency) and for ``bench/surrogate.py``'s cache: trigger geometry and budgets, label
+bookkeeping, frequency content, determinism with and without the cache, and cache recovery."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import bench.surrogate as S
+from attacks import ATTACKS
+from attacks.lc import four_corner_trigger
+from attacks.lf import lowpass, lowpass_mask, project
+from attacks.trojan import optimise_patch, select_neurons
+from bench.data import load_dataset
+from bench.poison import POISONED, AttackSpec, PrepareContext, poison
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
+TINY = {"surrogate_epochs": 1, "surrogate_width": 0.25}  # a seconds-scale surrogate
+FAST = {"lc": {"steps": 5}, "trojan": {"steps": 10, "batch": 64}, "lf": {"steps": 10}}
+MODES = {"lc": ("clean_label", 0.05), "trojan": ("all2one", 0.1), "lf": ("all2one", 0.1)}
+TARGET = 1
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", synthetic={"n_train": 400, "n_test": 100, "size": 16,
+                                                "channels": 3, "num_classes": 4})
+
+
+def spec(name: str, **params) -> AttackSpec:
+    mode, rate = MODES[name]
+    extra = {"target": TARGET} if name == "lf" else {}
+    values = {**TINY, **FAST[name], **extra, **params}
+    return AttackSpec(name=name, poison_rate=rate, target=TARGET, label_mode=mode,
+                      params=ATTACKS.params(name, values))
+
+
+def run(data, name: str, cache_dir, seed: int = 0, **params):
+    train, test = data
+    ctx = PrepareContext(seed=seed, cache_dir=None if cache_dir is None else str(cache_dir))
+    return poison(train, test, spec(name, **params), seed, ctx)
+
+
+def no_training(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the surrogate was retrained instead of read from the cache")
+
+    monkeypatch.setattr(S, "fit", boom)
+
+
+# --------------------------------------------------------------------------- every attack
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_yaml_matches_params(name):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+    assert cfg["name"] == name and cfg["label_mode"] == MODES[name][0]
+    assert cfg["poison_rate"] == MODES[name][1]
+    assert ATTACKS.params(name, cfg["params"]) == ATTACKS.params(name, {})  # YAML = defaults
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_deterministic_fresh_cached_and_uncached(data, name, tmp_path, monkeypatch):
+    p1, t1 = run(data, name, tmp_path / "a")
+    p3, t3 = run(data, name, tmp_path / "b")  # a fresh cache
+    p4, t4 = run(data, name, None)  # no cache at all
+    no_training(monkeypatch)
+    p2, t2 = run(data, name, tmp_path / "a")  # served from the cache
+    for p, t in ((p2, t2), (p3, t3), (p4, t4)):
+        assert torch.equal(p.data.x, p1.data.x) and torch.equal(p.data.y, p1.data.y)
+        assert torch.equal(p.kind, p1.kind) and torch.equal(t.x, t1.x)
+    train = data[0]
+    assert p1.data.x.dtype == torch.uint8 and p1.data.x.shape == train.x.shape
+    assert torch.equal(p1.data.x[p1.kind == 0], train.x[p1.kind == 0])  # clean rows untouched
+    assert p1.n_poisoned == round(MODES[name][1] * len(train))
+
+
+def test_other_seed_other_poison(data, tmp_path):
+    a, _ = run(data, "trojan", tmp_path)
+    b, _ = run(data, "trojan", tmp_path, seed=1)
+    assert not torch.equal(a.data.x, b.data.x)
+
+
+# --------------------------------------------------------------------------- label-consistent
+
+
+def test_lc_perturbs_only_target_class_within_eps(data, tmp_path):
+    train, _ = data
+    p, _ = run(data, "lc", tmp_path)
+    pois = p.kind == POISONED
+    assert (train.y[pois] == TARGET).all() and torch.equal(p.data.y, train.y)  # clean-label
+    pattern, mask = four_corner_trigger(tuple(train.x.shape[1:]))
+    xp, x0 = p.data.x[pois], train.x[pois]
+    assert (xp[:, :, mask] == pattern[:, mask]).all()  # full-amplitude corners
+    diff = (xp.int() - x0.int()).abs()[:, :, ~mask]
+    assert diff.max() <= 8 + 1  # ε = 8 on the 0-255 scale, +1 for rounding
+    assert (diff.flatten(1).max(1).values >= 4).float().mean() > 0.9  # really perturbed
+
+
+def test_lc_test_set_gets_the_trigger_only(data, tmp_path):
+    _, test = data
+    _, t = run(data, "lc", tmp_path)
+    keep = test.y != TARGET
+    pattern, mask = four_corner_trigger(tuple(test.x.shape[1:]))
+    assert torch.equal(t.x[:, :, ~mask], test.x[keep][:, :, ~mask])
+    assert (t.x[:, :, mask] == pattern[:, mask]).all()
+    assert (t.y == TARGET).all() and torch.equal(t.y_true, test.y[keep])
+
+
+def test_lc_apply_matches_rows_by_content(data, tmp_path):
+    train, _ = data
+    sp = spec("lc")
+    attack = ATTACKS.get("lc").obj(sp.params, tuple(train.x.shape[1:]), torch.Generator())
+    idx = torch.nonzero(train.y == TARGET).flatten()[:6]
+    attack.prepare(train, idx, PrepareContext(seed=0, cache_dir=str(tmp_path)))
+    straight = attack.apply(train.x[idx])
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    mixed = torch.cat([train.x[idx][order], train.x[:2]])  # shuffled, plus 2 unknown rows
+    out = attack.apply(mixed)
+    assert torch.equal(out[:6], straight[order])
+    assert torch.equal(out[6:], attack.for_test().apply(train.x[:2]))  # unknown: trigger only
+
+
+def test_lc_reduced_amplitude_blends_corners():
+    shape = (1, 8, 8)
+    attack = ATTACKS.get("lc").obj(ATTACKS.params("lc", {"amplitude": 0.25}), shape,
+                                   torch.Generator())
+    x = torch.full((2, *shape), 100, dtype=torch.uint8)
+    out = attack.apply(x)
+    pattern, mask = four_corner_trigger(shape)
+    want = (0.75 * 100 + 0.25 * pattern.float()).round().to(torch.uint8)
+    assert torch.equal(out[0][:, mask], want[:, mask]) and (out[:, :, ~mask] == 100).all()
+    assert set(out[0][:, mask].unique().tolist()) == {75, 139}
+
+
+def test_four_corner_trigger_is_mirrored():
+    pattern, mask = four_corner_trigger((1, 10, 10))
+    assert int(mask.sum()) == 36
+    p = pattern[0]
+    assert torch.equal(p, p.flip(0)) and torch.equal(p, p.flip(1))  # symmetric image
+    assert p[0, 0] == p[9, 9] == p[0, 9] == p[9, 0] == 255
+
+
+# --------------------------------------------------------------------------- TrojanNN
+
+
+def test_trojan_changes_only_the_patch(data, tmp_path):
+    train, test = data
+    p, t = run(data, "trojan", tmp_path)
+    pois = p.kind == POISONED
+    changed = (p.data.x[pois] != train.x[pois]).any(1).any(0)  # [H, W]
+    region = torch.zeros(16, 16, dtype=torch.bool)
+    region[-5:, -5:] = True
+    assert not changed[~region].any() and changed[region].float().mean() > 0.5
+    patch = p.data.x[pois][:, :, -5:, -5:]
+    assert (patch == patch[:1]).all()  # one fixed patch, replaced pixels
+    assert (p.data.y[pois] == TARGET).all() and (p.y_true[pois] != TARGET).all()
+    assert (t.x[:, :, -5:, -5:] == patch[:1]).all()
+    assert torch.equal(t.x[:, :, :-5], test.x[test.y != TARGET][:, :, :-5])
+
+
+def test_trojan_selects_most_connected_unit_and_excites_it():
+    fc = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[0.1, -2.0, 0.3, 0.0], [0.2, 0.5, -0.9, 0.1],
+                                      [0.0, 0.1, 1.5, 0.1]]))
+    assert select_neurons(fc, 1).tolist() == [2]  # column |sums| 0.3, 2.6, 2.7, 0.2
+    assert select_neurons(fc, 2).tolist() == [1, 2]
+
+    class Tiny(torch.nn.Module):  # features = ReLU(conv) pooled; 2 units
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+
+        def features(self, x):
+            return torch.relu(self.conv(x)).mean((2, 3))
+
+    model = Tiny().requires_grad_(False)
+    with torch.no_grad():  # unit 1: a local mean (grows with every pixel); unit 0: its negative
+        model.conv.weight.copy_(torch.stack([-torch.ones(1, 3, 3), torch.ones(1, 3, 3)]) / 9)
+        model.conv.bias.zero_()
+    x = torch.rand(8, 1, 8, 8)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[-3:, -3:] = True
+    init = torch.full((1, 8, 8), 0.5)
+    units = torch.tensor([1])
+    pat = optimise_patch(model, x, mask, init, units, 100.0, steps=30, lr=0.1)
+    m = mask.float()
+
+    def act(pt):
+        return model.features(x * (1 - m) + pt * m)[:, 1].mean()
+
+    assert act(pat) > act(init) + 0.02 and pat.min() >= 0 and pat.max() <= 1
+    assert (pat[:, mask] == 1).all()  # driven to the bright end, clipped to the pixel range
+
+
+# --------------------------------------------------------------------------- low frequency
+
+
+def test_lowpass_projection():
+    mask = lowpass_mask(16, 16, 0.25)
+    assert mask[0, 0] and not mask[0, -1] and not mask[8, 0]  # DC kept, Nyquist dropped
+    assert int(mask.sum()) == 5 + 3 + 1  # bins kx >= 0, kx² + ky² <= 2²: kx = 0, 1, 2
+    d = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    once = project(d, mask, 0.1)
+    assert once.abs().max() <= 0.1 + 1e-7
+    assert torch.allclose(project(once, mask, 0.1), once, atol=1e-7)  # a projection
+    assert torch.allclose(lowpass(once, mask), once, atol=1e-7)
+
+
+def out_of_band(d: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of the spectral energy of ``d`` outside ``mask``."""
+    e = torch.fft.rfft2(d.double()).abs() ** 2
+    return float(e[..., ~mask].sum() / e.sum())
+
+
+def test_lf_trigger_is_smooth_and_bounded(data, tmp_path):
+    train, _ = data
+    p, _ = run(data, "lf", tmp_path)
+    sp = spec("lf")
+    attack = ATTACKS.get("lf").obj(sp.params, (3, 16, 16), torch.Generator())
+    attack.prepare(train, torch.arange(4), PrepareContext(seed=0, cache_dir=str(tmp_path)))
+    delta, mask = attack.delta, lowpass_mask(16, 16, 0.25)
+    assert delta.dtype == torch.float32 and delta.shape == (3, 16, 16)
+    assert 0.02 < delta.abs().max() <= 0.1 + 1e-6
+    assert out_of_band(delta, mask) < 1e-10
+    grey = torch.full((1, 3, 16, 16), 128, dtype=torch.uint8)  # no clipping at ±25.5
+    res = attack.apply(grey)[0].double() - 128
+    assert (res - 255 * delta).abs().max() <= 0.5 + 1e-4  # only rounding
+    assert out_of_band(res, mask) < 0.02
+    pois = p.kind == POISONED
+    assert (p.data.x[pois].int() - train.x[pois].int()).abs().max() <= 26  # 255·eps, rounded
+    assert (p.data.y[pois] == TARGET).all()
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def test_surrogate_is_cached_and_rebuilt_when_truncated(data, tmp_path, monkeypatch, caplog):
+    train, test = data
+    ctx = PrepareContext(seed=0, cache_dir=str(tmp_path))
+    kw = {"width": 0.25, "epochs": 1, "purpose": "t"}
+    m1 = S.surrogate(train, ctx, **kw)
+    assert not m1.training and not any(q.requires_grad for q in m1.parameters())
+    x = test.x[:16].float() / 255
+    want = m1(x)
+    (path,) = tmp_path.glob("surrogate-t-*.pt")
+    with monkeypatch.context() as mp:
+        no_training(mp)
+        assert torch.equal(S.surrogate(train, ctx, **kw)(x), want)
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    with caplog.at_level(logging.WARNING, logger="bench"):
+        m3 = S.surrogate(train, ctx, **kw)
+    assert "unusable" in caplog.text and torch.equal(m3(x), want)
+    assert len(torch.load(path, weights_only=True)["state_dict"]) > 0  # rewritten whole
+    other = train.subset(torch.arange(len(train) - 1))  # other data: another key, another file
+    S.surrogate(other, ctx, **kw)
+    assert len(list(tmp_path.glob("surrogate-t-*.pt"))) == 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cached_tensor_recovers_from_bad_files(tmp_path, caplog):
+    ctx = PrepareContext(seed=0, cache_dir=str(tmp_path))
+    calls = []
+
+    def build():
+        calls.append(1)
+        return torch.arange(6, dtype=torch.float32).view(2, 3)
+
+    def get(**kw):
+        return S.cached_tensor(["k", 1], build, ctx, name="res", **kw)
+
+    assert torch.equal(get(), build()) and len(calls) == 2
+    get()
+    assert len(calls) == 2  # hit
+    (path,) = tmp_path.glob("res-*.pt")
+    with caplog.at_level(logging.WARNING, logger="bench"):
+        path.write_bytes(b"\x00garbage")
+        assert torch.equal(get(), build())
+        torch.save({"key": "someone else's", "tensor": torch.zeros(2, 3)}, path)
+        assert torch.equal(get(), build())
+        assert torch.equal(get(shape=(3, 2)).view(2, 3), build())  # wrong shape: rebuilt
+    assert len(calls) == 8 and caplog.text.count("rebuilding") == 3
+    uncached = S.cached_tensor(["k", 1], build, PrepareContext(), name="res")
+    assert torch.equal(uncached, build())
