@@ -21,7 +21,7 @@ from bench.rows import collect
 from bench.run import run_and_record, summary
 
 log = logging.getLogger("bench")
-GROUPS = ("dataset", "model", "attack", "defense", "train", "sweep", "experiment")
+GROUPS = ("dataset", "model", "attack", "defense", "train", "sweep", "experiment", "logger")
 
 
 def group_options(group: str) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from attacks import ATTACKS
 from bench.errors import ConfigError
+from bench.logger import LoggerCfg
 from bench.poison import AttackSpec
 from bench.registry import build_params
 from bench.train import TrainCfg
@@ -70,9 +71,11 @@ class RunConfig:
     data_root: str | None = None
     progress: bool | None = None
     force: bool = False
+    logger: LoggerCfg = field(default_factory=LoggerCfg)  # tracking only: not in the hash
 
 
-WHERE_KEYS = ("results_dir", "data_root", "device", "threads", "progress", "force")
+WHERE_KEYS = ("results_dir", "data_root", "device", "threads", "progress", "force",
+              "logger")
 
 
 def _section(cls: type, values: Any, owner: str) -> Any:
@@ -89,7 +92,8 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
     out: dict[str, Any] = {k: v for k, v in d.items() if k not in
-                           ("dataset", "model", "attack", "defense", "train")}
+                           ("dataset", "model", "attack", "defense", "train", "logger")}
+    out["logger"] = _section(LoggerCfg, d.get("logger", {}), "logger")
     out["dataset"] = _section(DatasetCfg, d.get("dataset", {}), "dataset")
     out["model"] = _section(ModelCfg, d.get("model", {}), "model")
     out["train"] = _section(TrainCfg, d.get("train", {}), "train")

@@ -7,6 +7,7 @@ and interrupted sweeps never leave a half-written table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,11 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 log = logging.getLogger("bench")
 
@@ -23,6 +29,31 @@ METRICS = ["ba", "asr", "ra", "iso_precision", "iso_recall", "n_suspects"]
 COST = ["wall_s", "stage_s", "peak_mem_mb", "device", "threads"]
 OUTCOME = ["status", "error", "timestamp", "extra"]
 COLUMNS = IDENTITY + METRICS + COST + OUTCOME
+
+
+@contextlib.contextmanager
+def file_lock(path: Path | None):
+    """Hold an exclusive ``flock`` on ``<path>.lock`` (parallel jobs of a sweep take turns).
+
+    The lock dies with its process, so a killed job never leaves it held; lock files are never
+    deleted (unlinking them would race). Without ``fcntl`` or a writable folder: no lock.
+    """
+    if path is None or fcntl is None:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115
+    except OSError as e:
+        log.warning("cannot lock %s (%s); continuing without a lock", path, e)
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, content: str | bytes) -> None:
@@ -78,5 +109,6 @@ def load_rows(results_dir: str | Path) -> pd.DataFrame:
 def collect(results_dir: str | Path) -> Path:
     """Rebuild ``<results_dir>/runs.csv`` from all row files; returns its path."""
     out = Path(results_dir) / "runs.csv"
-    atomic_write(out, load_rows(results_dir).to_csv(index=False))
+    with file_lock(out):  # a job that read the folder earlier must not replace it last
+        atomic_write(out, load_rows(results_dir).to_csv(index=False))
     return out

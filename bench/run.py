@@ -14,9 +14,10 @@ import torch
 
 import bench
 from bench import metrics
-from bench.config import RunConfig, config_hash
+from bench.config import RunConfig, config_hash, to_dict
 from bench.data import ImageSet, load_dataset
 from bench.errors import BenchError
+from bench.logger import make_logger, tracked
 from bench.models import create_model
 from bench.poison import PoisonedTrain, PrepareContext, TriggeredTest, clean, poison
 from bench.rows import read_row, row_path, write_row
@@ -147,8 +148,10 @@ def run_and_record(cfg: RunConfig) -> dict:
         log.info("skipping %s: already done (force=true reruns it)", done["run_id"])
         return done
     start = time.perf_counter()
+    track = tracked(make_logger(cfg.logger, cfg.results_dir), run_id(cfg), to_dict(cfg))  # logger
     try:
-        row = run(cfg)
+        with track:  # logger: forwards fit's epochs while the run runs
+            row = run(cfg)
     except BenchError:
         raise
     except Exception as e:  # noqa: BLE001 — a failed job is a row, the sweep goes on
@@ -157,6 +160,7 @@ def run_and_record(cfg: RunConfig) -> dict:
                                "wall_s": time.perf_counter() - start,
                                "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}
     write_row(cfg.results_dir, row)
+    track.finish(row)  # logger: after the row is safe
     return row
 
 

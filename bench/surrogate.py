@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from bench.augment import AugmentCfg
 from bench.data import ImageSet
 from bench.models import create_model
-from bench.rows import atomic_write
+from bench.rows import atomic_write, file_lock
 from bench.seeding import derive_seed, generator
 from bench.train import Engine, TrainCfg, fit
 
@@ -141,19 +141,20 @@ def cached_tensor(key_parts: Any, build_fn: Callable[[], Tensor], ctx: PrepareCo
     """
     key = cache_key([name, key_parts])
     path = _path(ctx, name, key)
-    blob = _load(path, key)
-    if blob is not None:
-        t = blob.get("tensor")
-        ok = (isinstance(t, Tensor) and (shape is None or tuple(t.shape) == tuple(shape))
-              and (dtype is None or t.dtype == dtype))
-        if ok:
-            log.info("loaded %s from cache %s", name, path)
-            return t
-        log.warning("cache %s holds a tensor of the wrong shape/dtype; rebuilding it", path)
-    t = build_fn().detach().cpu().contiguous()
-    if path is not None:
-        _save(path, {"key": key, "tensor": t})
-    return t
+    with file_lock(path):  # parallel jobs: one builds, the others wait and load
+        blob = _load(path, key)
+        if blob is not None:
+            t = blob.get("tensor")
+            ok = (isinstance(t, Tensor) and (shape is None or tuple(t.shape) == tuple(shape))
+                  and (dtype is None or t.dtype == dtype))
+            if ok:
+                log.info("loaded %s from cache %s", name, path)
+                return t
+            log.warning("cache %s holds a tensor of the wrong shape/dtype; rebuilding it", path)
+        t = build_fn().detach().cpu().contiguous()
+        if path is not None:
+            _save(path, {"key": key, "tensor": t})
+        return t
 
 
 def surrogate(train: ImageSet, ctx: PrepareContext, *, model: str = "cnn_small",
@@ -187,27 +188,28 @@ def surrogate(train: ImageSet, ctx: PrepareContext, *, model: str = "cnn_small",
     eng = Engine(device, train.mean, train.std, amp=ctx.amp, channels_last=ctx.channels_last,
                  normalize=True, progress=ctx.progress)
     net = eng.place(net)
-    blob = _load(path, key)
-    loaded = False
-    if blob is not None:
-        try:
-            net.load_state_dict(blob["state_dict"])
-            loaded = True
-            log.info("loaded surrogate '%s' from cache %s", purpose, path)
-        except Exception as e:  # noqa: BLE001 — architecture/key mismatch: retrain
-            log.warning("cache %s does not fit %s (%s); rebuilding it", path, model, e)
-    if not loaded:
-        log.info("training surrogate '%s' (%s, %d epochs) on %d clean images", purpose, model,
-                 epochs, len(train))
-        cfg = TrainCfg(epochs=epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
-                       nesterov=True, weight_decay=5e-4, schedule="cosine",
-                       augment=AugmentCfg(crop_pad=2), normalize=True)
-        gen = generator(ctx.seed, f"surrogate/{purpose}/data", device)
-        fit(net, train.x.to(device), train.y.to(device), cfg, eng, gen, hflip=train.hflip,
-            desc=f"surrogate {purpose}")
-        if path is not None:
-            state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-            _save(path, {"key": key, "state_dict": state})
+    with file_lock(path):  # never call cached_tensor inside: lock order is outer -> here
+        blob = _load(path, key)
+        loaded = False
+        if blob is not None:
+            try:
+                net.load_state_dict(blob["state_dict"])
+                loaded = True
+                log.info("loaded surrogate '%s' from cache %s", purpose, path)
+            except Exception as e:  # noqa: BLE001 — architecture/key mismatch: retrain
+                log.warning("cache %s does not fit %s (%s); rebuilding it", path, model, e)
+        if not loaded:
+            log.info("training surrogate '%s' (%s, %d epochs) on %d clean images", purpose, model,
+                     epochs, len(train))
+            cfg = TrainCfg(epochs=epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
+                           nesterov=True, weight_decay=5e-4, schedule="cosine",
+                           augment=AugmentCfg(crop_pad=2), normalize=True)
+            gen = generator(ctx.seed, f"surrogate/{purpose}/data", device)
+            fit(net, train.x.to(device), train.y.to(device), cfg, eng, gen, hflip=train.hflip,
+                desc=f"surrogate {purpose}")
+            if path is not None:
+                state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+                _save(path, {"key": key, "state_dict": state})
     out = PixelModel(net.float(), train.mean, train.std).to(device).eval()
     out.requires_grad_(False)
     return out
