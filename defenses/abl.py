@@ -40,6 +40,7 @@ from bench.errors import ConfigError
 from bench.train import TrainCfg, batches, fit, per_sample_loss
 from defenses.base import DEFENSES, DefenseContext, DefenseResult
 from defenses.losses import flooding, lga, negative_ce
+from defenses.selection import lowest_fraction
 
 NO_AUG = AugmentCfg(crop_pad=0, flip=False, cutout=0)
 
@@ -64,14 +65,6 @@ class ABLParams:
         augment=AugmentCfg(crop_pad=4, flip=None, cutout=2)))
     unlearn: TrainCfg = field(default_factory=lambda: _sgd(epochs=4, lr=5e-4))
     unlearn_mode: str = "ascent"
-
-
-def isolate(losses: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Boolean mask of the ``int(ratio * N)`` lowest-loss samples (ABL's isolated set)."""
-    n = int(len(losses) * ratio)
-    mask = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)
-    mask[torch.argsort(losses, stable=True)[:n]] = True
-    return mask
 
 
 def unlearn_joint(model, rest: ImageSet, iso: ImageSet, cfg: TrainCfg, ctx: DefenseContext,
@@ -116,7 +109,7 @@ def abl(data: ImageSet, p: ABLParams, ctx: DefenseContext) -> DefenseResult:
             loss_fn=ascent, desc="abl isolation", shuffle=p.shuffle)
     with ctx.stage("isolate"):
         losses = per_sample_loss(model, data.x, data.y, eng, normalize=norm)
-        suspect = isolate(losses, p.isolation_ratio)
+        suspect = lowest_fraction(losses, p.isolation_ratio)
     rest, iso = data.subset(~suspect), data.subset(suspect)
     with ctx.stage("finetune"):
         fit(model, rest.x, rest.y, p.finetune, eng, ctx.gen("finetune"), hflip=data.hflip,

@@ -7,8 +7,9 @@ import torch
 
 from bench.data import ImageSet
 from bench.run import run
-from defenses.abl import abl, isolate
+from defenses.abl import abl
 from defenses.losses import flooding, lga, negative_ce
+from defenses.selection import lowest_fraction
 
 
 def test_flooding_value_and_gradient_sign():
@@ -43,7 +44,7 @@ def test_negative_ce():
 
 def test_isolate_takes_lowest_fraction():
     losses = torch.tensor([0.5, 0.01, 3.0, 0.02, 1.0, 0.9, 0.7, 0.3, 2.0, 0.6])
-    mask = isolate(losses, 0.2)
+    mask = lowest_fraction(losses, 0.2)
     assert mask.tolist() == [False, True, False, True] + [False] * 6
 
 

@@ -1,0 +1,239 @@
+"""DBD: SCE, SimCLR loss and augmentation, MixMatch pieces, credibility split, end to end."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.data import ImageSet
+from bench.models import create_model
+from bench.simclr_augment import SimCLRAugCfg, gaussian_blur, hsv_to_rgb, rgb_to_hsv, simclr_augment
+from bench.train import Engine
+from defenses.dbd import DBDParams, LinearProbe, SplitCfg, credibility_split
+from defenses.losses import sce
+from defenses.mixmatch import interleave, lambda_u_at, mixup, sharpen, uninterleave
+from defenses.simclr import simclr_loss
+
+RCE = -math.log(1e-4)
+PLAIN = SimCLRAugCfg(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter_p=0.0,
+                     grayscale_p=0.0, blur_p=0.0)
+
+
+# ---------------------------------------------------------------- SCE
+
+
+@pytest.mark.parametrize("y, p_y", [(0, 0.7), (2, 0.1)])
+def test_sce_hand_computed(y, p_y):
+    logits = torch.tensor([[0.7, 0.2, 0.1]]).log()
+    want_ce, want_rce = -math.log(p_y), RCE * (1 - p_y)
+    got = sce(logits, torch.tensor([y]), alpha=0.1, beta=1.0)
+    assert got.item() == pytest.approx(0.1 * want_ce + want_rce, rel=1e-5)
+    assert sce(logits, torch.tensor([y]), alpha=0.0, beta=1.0).item() == pytest.approx(
+        want_rce, rel=1e-5)
+
+
+def test_sce_per_sample():
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    out = sce(logits, torch.tensor([0, 0]), reduction="none")
+    assert out.shape == (2,) and out[0] < 0.2 < 9.0 < out[1]
+
+
+# ---------------------------------------------------------------- SimCLR loss
+
+
+def simclr_loop(z1, z2, tau, symmetric):
+    z = torch.cat([z1, z2])
+    n2 = len(z)
+    anchors = range(n2) if symmetric else range(len(z1))
+    total = 0.0
+    for a in anchors:
+        pos = (a + len(z1)) % n2
+        num = math.exp(float(z[a] @ z[pos]) / tau)
+        den = sum(math.exp(float(z[a] @ z[k]) / tau) for k in range(n2) if k != a)
+        total += -math.log(num / den)
+    return total / len(anchors)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_simclr_loss_matches_loop(symmetric):
+    g = torch.Generator().manual_seed(0)
+    z1 = F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    z2 = F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    got = simclr_loss(z1, z2, 0.5, symmetric).item()
+    assert got == pytest.approx(simclr_loop(z1, z2, 0.5, symmetric), rel=1e-5)
+
+
+def test_simclr_official_is_one_direction():
+    g = torch.Generator().manual_seed(1)
+    z1 = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    z2 = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    sym = simclr_loss(z1, z2, 0.5, symmetric=True)
+    back = simclr_loss(z2, z1, 0.5, symmetric=False)
+    assert sym == pytest.approx(((simclr_loss(z1, z2, 0.5) + back) / 2).item(), rel=1e-5)
+
+
+def test_simclr_loss_lower_for_aligned_views():
+    g = torch.Generator().manual_seed(2)
+    z1 = F.normalize(torch.randn(32, 16, generator=g), dim=1)
+    noisy = F.normalize(z1 + 0.1 * torch.randn(32, 16, generator=g), dim=1)
+    rand = F.normalize(torch.randn(32, 16, generator=g), dim=1)
+    for sym in (False, True):
+        assert simclr_loss(z1, noisy, 0.5, sym) < simclr_loss(z1, rand, 0.5, sym) - 1.0
+
+
+# ---------------------------------------------------------------- SimCLR augmentation
+
+
+def _images(n=8, c=1, hw=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, hw, hw), generator=g, dtype=torch.uint8)
+
+
+def test_plain_config_is_identity_and_flip_mirrors():
+    x = _images(32)
+    out = simclr_augment(x, PLAIN, torch.Generator().manual_seed(0), hflip=False)
+    assert out.dtype == torch.float32 and torch.allclose(out, x.float() / 255, atol=1e-5)
+    flip = replace(PLAIN, flip=None)
+    out = simclr_augment(x, flip, torch.Generator().manual_seed(0), hflip=True)
+    same = (out - x.float() / 255).abs().amax((1, 2, 3)) < 1e-5
+    mirrored = (out - x.flip(3).float() / 255).abs().amax((1, 2, 3)) < 1e-5
+    assert (same | mirrored).all() and same.any() and mirrored.any()
+
+
+def test_identical_images_get_independent_views():
+    x = _images(1, c=3).repeat(2, 1, 1, 1)
+    for cfg in (SimCLRAugCfg(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0), SimCLRAugCfg()):
+        out = simclr_augment(x, cfg, torch.Generator().manual_seed(3), hflip=True)
+        assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+        assert (out[0] - out[1]).abs().max() > 0.05  # different crops of the same image
+
+
+def test_hsv_round_trip_and_blur():
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
+    const = torch.full((2, 1, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(const, torch.tensor([0.5, 2.0]), 2.0), const, atol=1e-6)
+    blurred = gaussian_blur(x, torch.tensor([0.0, 2.0, 0.0, 1.0]), 2.0)
+    assert torch.allclose(blurred[0], x[0], atol=1e-6)  # sigma 0 = untouched, per sample
+    assert blurred[1].std() < x[1].std() * 0.7
+
+
+def test_jitter_factors_are_per_image():
+    cfg = replace(PLAIN, jitter_p=1.0, brightness=0.4, contrast=0.0)
+    x = torch.full((64, 1, 8, 8), 100, dtype=torch.uint8)
+    out = simclr_augment(x, cfg, torch.Generator().manual_seed(0), hflip=False)
+    scale = out.mean((1, 2, 3)) / (100 / 255)
+    assert torch.allclose(out, out[:, :, :1, :1].expand_as(out))  # brightness only: uniform
+    assert scale.min() >= 0.6 - 1e-5 and scale.max() <= 1.4 + 1e-5 and scale.std() > 0.1
+
+
+# ---------------------------------------------------------------- MixMatch pieces
+
+
+def test_sharpen():
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    q = sharpen(p, 0.5)
+    assert torch.allclose(q.sum(1), torch.ones(2))
+    ent = lambda t: -(t * t.log()).sum(1)  # noqa: E731
+    assert (ent(q) < ent(p)).all()
+    assert torch.allclose(sharpen(p, 1.0), p)
+    assert torch.allclose(q[0], torch.tensor([25.0, 9.0, 4.0]) / 38)
+
+
+def test_mixup_is_convex_with_lambda_prime():
+    n = 12
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    y = F.one_hot(torch.arange(n) % 3, 3).float()
+    xm, ym, lam = mixup(x, y, 0.3, torch.Generator().manual_seed(0))
+    assert lam == pytest.approx(0.7) and lam >= 0.5
+    partner = ((xm[:, 0] - lam * x[:, 0]) / (1 - lam)).round().long()
+    assert sorted(partner.tolist()) == list(range(n))  # mixed with a permutation of the batch
+    assert torch.allclose(xm[:, 0], lam * x[:, 0] + (1 - lam) * partner.float(), atol=1e-5)
+    assert torch.allclose(ym, lam * y + (1 - lam) * y[partner])
+    assert torch.allclose(ym.sum(1), torch.ones(n))
+    assert mixup(x, y, 0.9, torch.Generator())[2] == pytest.approx(0.9)
+
+
+def test_interleave_round_trip_and_mixing():
+    b = 64
+    chunks = [torch.full((b,), float(i)) for i in range(3)]
+    mixed = interleave(chunks)
+    assert all(len(m) == b for m in mixed)
+    # chunk 0 (labelled) is spread over every forward pass, and each pass sees unlabelled rows
+    assert [sorted(set(m.tolist())) for m in mixed] == [[0.0, 1.0, 2.0], [0.0, 1.0], [0.0, 2.0]]
+    assert [(m == 0).sum().item() for m in mixed] == [21, 21, 22]
+    data = list(torch.arange(3 * b).float().split(b))
+    back = uninterleave(interleave(data))
+    assert all(torch.equal(a, c) for a, c in zip(back, data, strict=True))
+
+
+@pytest.mark.parametrize("t, want", [(0, 0.0), (95, 7.5), (190, 15.0), (300, 15.0)])
+def test_lambda_u_ramp(t, want):
+    assert lambda_u_at(t, 15.0, 190) == pytest.approx(want)
+
+
+# ---------------------------------------------------------------- stages
+
+
+class Oracle(nn.Module):
+    """Constant image of value 50·c+5 (uint8) → confident logits for class c; 250 → uniform."""
+
+    def forward(self, x):
+        v = x.mean((1, 2, 3)) * 255
+        cls = ((v - 5) / 50).round().long().clamp(0, 3)
+        return torch.where((v < 240)[:, None], 10.0 * F.one_hot(cls, 4).float(),
+                           torch.zeros(len(x), 4))
+
+
+@pytest.mark.parametrize("split_on", ["augmented", "clean"])
+def test_credibility_split_keeps_planted_low_loss(split_on):
+    n = 40
+    y = torch.arange(n) % 4
+    planted = torch.zeros(n, dtype=torch.bool)
+    planted[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:12]] = True
+    value = torch.where(planted, 50 * y + 5, torch.full((n,), 250))
+    x = value.view(n, 1, 1, 1).expand(n, 1, 8, 8).to(torch.uint8).contiguous()
+    data = ImageSet(x=x, y=y, num_classes=4, mean=(0.5,), std=(0.25,), hflip=True, name="toy")
+    eng = Engine(torch.device("cpu"), data.mean, data.std, amp=False, channels_last=False)
+    p = DBDParams(split=SplitCfg(epsilon=0.5, split_on=split_on), normalize=False)
+    p = replace(p, linear=replace(p.linear, normalize=False))
+    labelled, losses = credibility_split(Oracle(), data, p, eng, torch.Generator())
+    assert labelled.sum() == 20 and labelled[planted].all()
+    assert losses[planted].max() < losses[~planted].min()
+
+
+def test_linear_probe_freezes_backbone_but_not_bn_stats():
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 3, 1, width=0.25)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    for freeze, moves in ((False, True), (True, False)):
+        before = bn.running_mean.clone()
+        probe = LinearProbe(model, freeze_bn=freeze).train()
+        probe(torch.randn(8, 1, 16, 16) + 3).sum().backward()
+        assert (not torch.equal(before, bn.running_mean)) == moves
+        assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("fc"))
+        assert model.fc.weight.grad is not None
+        model.zero_grad(set_to_none=True)
+
+
+def test_dbd_end_to_end(tiny_cfg):
+    from bench.run import run
+
+    cfg = tiny_cfg("defense=dbd", "defense.params.simclr.epochs=2",
+                   "defense.params.simclr.batch_size=128", "defense.params.linear.epochs=1",
+                   "defense.params.mixmatch.epochs=2", "defense.params.mixmatch.iters_per_epoch=2",
+                   "defense.params.mixmatch.batch_size=16")
+    row = run(cfg)
+    assert row["status"] == "ok"
+    assert list(row["stage_s"])[1:] == ["simclr", "linear", "credibility_split", "mixmatch",
+                                        "evaluate"]
+    assert row["n_suspects"] == 300  # ε = 0.5 of the 600 training samples
+    extra = row["extra"]
+    assert {"simclr_loss_ep2", "linear_loss_ep1", "mixmatch_lx_ep2", "split_turnover_ep2",
+            "split_iso_precision"} <= set(extra)
+    # λu at the end of semi epoch 2 = 15·(1 warm-up + 1 + 1/2)/190
+    assert extra["mixmatch_lambda_u_ep2"] == pytest.approx(15 * 2.5 / 190)
+
