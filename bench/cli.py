@@ -7,6 +7,7 @@ name is one line listing the valid ones), composes ``conf/config.yaml``, convert
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from importlib import resources
@@ -21,6 +22,14 @@ from bench.rows import collect
 from bench.run import run_and_record, summary
 
 log = logging.getLogger("bench")
+PLUGINS = {  # launcher option -> (plugin module, pyproject extra)
+    "local_parallel": ("hydra_plugins.hydra_joblib_launcher", "parallel"),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "parallel"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
+}
 GROUPS = ("dataset", "model", "attack", "defense", "train", "sweep", "experiment", "logger")
 
 
@@ -36,6 +45,13 @@ def check_overrides(argv: list[str]) -> None:
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
+        if key == "hydra/launcher" and value in PLUGINS:
+            try:
+                importlib.import_module(PLUGINS[value][0])
+            except ImportError:
+                sys.stderr.write(f"error: launcher '{value}' needs its plugin; "
+                                 f"pip install -e '.[{PLUGINS[value][1]}]'\n")
+                sys.exit(2)
         if not sep or key not in GROUPS:
             continue
         known = group_options(key)

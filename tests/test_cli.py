@@ -49,3 +49,18 @@ def test_cfg_job_shows_composed_config(tmp_path):
     out = bench("attack=blended", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0
     assert "name: blended" in out.stdout and "alpha: 0.2" in out.stdout
+
+
+def test_missing_launcher_plugin_is_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None:
+        pytest.skip("the ray launcher plugin is installed here")
+    out = bench("hydra/launcher=ray", f"results_dir={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: launcher 'ray' needs its plugin; pip install -e '.[ray]'"
+
+
+def test_attack_dataset_specialisation(tmp_path):
+    out = bench("attack=sig", "dataset=cifar100", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0 and "poison_rate: 0.005" in out.stdout
