@@ -55,19 +55,35 @@ def test_defense_cannot_reach_ground_truth():
     assert not {"y_true", "kind"} & fields
 
 
-@pytest.fixture(scope="module")
-def abl_row(tmp_path_factory):
+def abl_cfg(res):
     from tests.conftest import compose_cfg
 
     # 3000 real Fashion-MNIST images, 10% BadNets (300), a half-width model: the backdoor is
     # learned within 5 epochs of flooding while the clean task is not, as ABL assumes.
-    res = tmp_path_factory.mktemp("abl")
-    cfg = compose_cfg([f"results_dir={res}", "progress=false", "defense=abl",
-                       "dataset.limit_train=3000", "dataset.limit_test=500",
-                       "model.kwargs.width=0.5", "defense.params.isolation.epochs=5",
-                       "defense.params.finetune.epochs=2", "defense.params.finetune.milestones=[1]",
-                       "defense.params.isolation_ratio=0.02"])
-    return run(cfg)
+    return compose_cfg([f"results_dir={res}", "progress=false", "defense=abl",
+                        "dataset.limit_train=3000", "dataset.limit_test=500",
+                        "model.kwargs.width=0.5", "defense.params.isolation.epochs=5",
+                        "defense.params.finetune.epochs=2",
+                        "defense.params.finetune.milestones=[1]",
+                        "defense.params.isolation_ratio=0.02"])
+
+
+@pytest.fixture(scope="module")
+def abl_row(tmp_path_factory):
+    return run(abl_cfg(tmp_path_factory.mktemp("abl")))
+
+
+def test_same_seed_same_isolated_set_and_metrics(abl_row, tmp_path, monkeypatch):
+    import defenses.abl as mod
+
+    masks, rows = [], []
+    original = mod.lowest_fraction
+    monkeypatch.setattr(mod, "lowest_fraction", lambda *a: masks.append(original(*a)) or masks[-1])
+    for i in range(2):
+        rows.append(run(abl_cfg(tmp_path / str(i))))
+    assert torch.equal(masks[0], masks[1]) and int(masks[0].sum()) == 60
+    for k in ("ba", "asr", "ra", "iso_precision", "iso_recall", "n_suspects"):
+        assert rows[0][k] == rows[1][k] == abl_row[k], k
 
 
 def test_isolation_picks_planted_poison_with_precision(abl_row):
