@@ -45,7 +45,8 @@ def check_overrides(argv: list[str]) -> None:
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
-        if key == "hydra/launcher" and value in PLUGINS:
+        showing = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info"} & set(argv)
+        if key == "hydra/launcher" and value in PLUGINS and not showing:
             try:
                 importlib.import_module(PLUGINS[value][0])
             except ImportError:
