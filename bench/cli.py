@@ -30,7 +30,8 @@ PLUGINS = {  # launcher option -> (plugin module, pyproject extra)
     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
     "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
 }
-GROUPS = ("dataset", "model", "attack", "defense", "train", "sweep", "experiment", "logger")
+GROUPS = ("dataset", "model", "attack", "defense", "train", "sweep", "experiment", "logger",
+          "ablation")
 
 
 def group_options(group: str) -> list[str]:

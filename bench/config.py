@@ -48,8 +48,16 @@ class ModelCfg:
 
 @dataclass(frozen=True)
 class DefenseCfg:
+    """``variant`` names a non-default setting (an ablation); rows label the defense
+    ``<name>.<variant>`` so leaderboards keep it apart from the default."""
+
     name: str = "none"
     params: Any = None
+    variant: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}.{self.variant}" if self.variant else self.name
 
 
 @dataclass(frozen=True)

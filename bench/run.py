@@ -49,13 +49,13 @@ def git_sha() -> str:
 def run_id(cfg: RunConfig) -> str:
     attack = cfg.attack.name if cfg.attack else "none"
     return (f"{cfg.dataset.name}-{cfg.model.name.replace('/', '_')}-{attack}-"
-            f"{cfg.defense.name}-s{cfg.seed}-{config_hash(cfg)}")
+            f"{cfg.defense.label}-s{cfg.seed}-{config_hash(cfg)}")
 
 
 def identity(cfg: RunConfig) -> dict:
     a = cfg.attack
     return {"run_id": run_id(cfg), "dataset": cfg.dataset.name, "model": cfg.model.name,
-            "attack": a.name if a else "none", "defense": cfg.defense.name,
+            "attack": a.name if a else "none", "defense": cfg.defense.label,
             "poison_rate": a.poison_rate if a else 0.0, "target": a.target if a else None,
             "label_mode": a.label_mode if a else None, "seed": cfg.seed,
             "config_hash": config_hash(cfg), "git_sha": git_sha(), "version": bench.__version__}
@@ -119,7 +119,8 @@ def run(cfg: RunConfig) -> dict:
         row = identity(cfg) | evaluate(result.model, test, triggered, eng, result.normalize)
     row["n_poisoned"] = ptrain.n_poisoned
     flagged = {k: v.cpu().bool() for k, v in result.suspects.items()}
-    final = next(reversed(flagged.values()), None)  # the last stage's suspects are the headline
+    final = (flagged[result.headline] if result.headline  # else the last stage's suspects
+             else next(reversed(flagged.values()), None))
     row["iso_precision"], row["iso_recall"] = (metrics.isolation_quality(final, ptrain.kind)
                                                if final is not None else (math.nan, math.nan))
     row["n_suspects"] = int(final.sum()) if final is not None else None

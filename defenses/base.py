@@ -30,12 +30,15 @@ class DefenseResult:
     extra: defense-specific numbers worth a column (flat ``{name: float}``).
     normalize: whether the final model expects normalised inputs (None: the run's
         ``train.normalize``); evaluation prepares test images the same way.
+    headline: the ``suspects`` entry scored in the row's ``iso_precision``/``iso_recall``
+        (None: the last one); every entry is also scored as ``<stage>_iso_*`` in ``extra``.
     """
 
     model: nn.Module
     suspects: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, float] = field(default_factory=dict)
     normalize: bool | None = None
+    headline: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Sample selection shared by the defenses (ABL's isolation, DBD's credibility split, DLP)."""
+"""Sample selection shared by the defenses (ABL's isolation, DBD's credibility split, DLP's
+entropy filter)."""
 
 from __future__ import annotations
 
@@ -12,3 +13,28 @@ def lowest_fraction(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     mask = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
     mask[torch.argsort(scores, stable=True)[:n]] = True
     return mask
+
+
+def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``H = −Σ_c p_c log p_c`` of ``softmax(logits)`` per row of ``[N, K]``, in nats, float32
+    (0 for a one-hot prediction, ``log K`` for a uniform one)."""
+    logp = logits.float().log_softmax(1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def otsu(values: torch.Tensor) -> tuple[float, float]:
+    """Best two-cluster split of 1-D ``values`` (Otsu's criterion: maximal between-cluster
+    variance). Returns ``(threshold, separability)``: the low cluster is ``values <= threshold``;
+    separability is the between-cluster share of the total variance, in [0, 1] (1: two point
+    masses; the share for a uniform distribution is 0.75, for a Gaussian ≈ 0.64)."""
+    v = values.double().flatten().sort().values
+    n = len(v)
+    if n < 2 or v[0] == v[-1]:
+        return (v[-1].item() if n else float("nan")), 0.0
+    k = torch.arange(1, n, dtype=v.dtype, device=v.device)
+    cs = v.cumsum(0)[:-1]
+    m0, m1 = cs / k, (v.sum() - cs) / (n - k)
+    between = k * (n - k) * (m0 - m1) ** 2 / n**2
+    between[v[:-1] == v[1:]] = -1  # a cut must fall between distinct values
+    i = int(between.argmax())
+    return v[i].item(), (between[i] / v.var(unbiased=False)).item()

@@ -1,0 +1,333 @@
+"""DLP — "DLP: towards active defense against backdoor attacks with decoupled learning process"
+(Ying & Wu, Cybersecurity 2023, doi 10.1186/s42400-023-00141-4; arXiv 2406.13098).
+
+Threat model: the defender trains on a poisoned set with no clean reserve and no knowledge of the
+poison rate or trigger. Premise (the paper's observation): the model learns the poisoned subset
+differently from the clean one — the backdoor is learned fast and with high confidence.
+
+What the paper establishes: three stages — (1) supervised learning on the whole poisoned set, (2)
+active unlearning after an entropy-based filtering of the samples, (3) active semi-supervised
+fine-tuning. No official code exists and the paper's stage details are not public; every choice
+below that the paper does not pin down is ours and a key of ``conf/defense/dlp.yaml``.
+
+Stages (each a timed stage):
+1. ``supervised`` — cross-entropy training from scratch on all samples for a short schedule
+   (``supervised.epochs``): the backdoor is learned, the main task only partly.
+2. ``filter`` — predictive entropy ``H = −Σ p log p`` of every sample (eval mode, un-augmented).
+   Low entropy = suspected poisoned. Suspects are reported to the harness (``"filter"``).
+3. ``unlearn`` — gradient ascent on the suspects with their given labels, jointly with descent on
+   confidently clean samples, until the suspects' accuracy falls to ``stop_acc``.
+4. ``semi`` — MixMatch (``defenses/mixmatch.py``, DBD's implementation) on the whole model with
+   labelled = the ``budget`` fraction of samples whose given label the current model finds most
+   credible (lowest CE), never a suspect; unlabelled = the rest. The split is re-selected with the
+   current model at the start of each of ``rounds`` equal rounds ("active"). The last round's
+   unlabelled set is reported as ``"semi"``; the row's headline ``iso_precision``/``iso_recall``
+   score the entropy filter.
+
+Ours (not in the paper):
+- ``filter.mode: dominant_class`` (default): the backdoor has one target, so the filter looks for
+  the class whose samples split most cleanly into a near-zero-entropy cluster and the rest —
+  Otsu's two-cluster split of log10 entropy within each given-label class; the most separable
+  class, if its separability reaches ``min_separability``, contributes its low cluster (at most
+  ``ratio``·N samples, lowest entropy first). Otherwise no suspects, and unlearning is skipped.
+  Why: on Fashion-MNIST whole clean classes (trousers, bags) are predicted with lower entropy than
+  poisoned samples, so a global lowest-entropy cut picks clean samples (``mode: global`` keeps
+  it: the lowest ``ratio``·N overall).
+- Unlearning objective ``CE(clean) − CE(suspects)`` per step (``descend: false``: pure ascent),
+  SGD, stopping as soon as the suspects' accuracy on their given labels is ≤ ``stop_acc``
+  (checked after every step) or after ``max_epochs``. The clean batch comes from the
+  ``clean_ratio`` lowest-loss non-suspects outside the suspects' label classes (the remaining
+  poisoned samples of the target class would otherwise be relearned).
+- Semi-supervised method MixMatch with DBD's settings; a fresh Adam; λ_u ramps over the semi
+  epochs; the selection criterion is the CE of the given label.
+- Ablations (``conf/ablation/dlp_*.yaml``): ``supervised.epochs: 0`` filters with the untrained
+  model, ``filter.enabled: false`` flags nothing (so nothing is unlearned or excluded),
+  ``unlearn.enabled: false`` skips stage 3, ``semi.enabled: false`` returns the unlearned model,
+  ``semi.rounds: 1`` is a one-off (non-active) split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.augment import AugmentCfg
+from bench.data import ImageSet
+from bench.errors import ConfigError
+from bench.train import Engine, TrainCfg, batches, fit, predict
+from defenses.base import DEFENSES, DefenseContext, DefenseResult
+from defenses.mixmatch import MixMatchCfg, mixmatch_epoch
+from defenses.selection import lowest_fraction, otsu, predictive_entropy
+
+log = logging.getLogger("bench")
+
+
+@dataclass(frozen=True)
+class FilterCfg:
+    """Args:
+    enabled: run the filter (ablation switch; off: no suspects, so no unlearning and no
+        exclusion from the labelled set).
+    mode: ``dominant_class`` (most separable class, see the module docstring) or ``global``.
+    ratio: ``global``: the suspected fraction of N; ``dominant_class``: the cap on it.
+    min_separability: ``dominant_class``: least Otsu separability (between-cluster share of the
+        variance of log10 entropy) for a class to be flagged at all.
+    floor: entropies are clamped to at least this before the log.
+    """
+
+    enabled: bool = True
+    mode: str = "dominant_class"
+    ratio: float = 0.2
+    min_separability: float = 0.78
+    floor: float = 1e-8
+
+
+@dataclass(frozen=True)
+class UnlearnCfg:
+    """Args:
+    enabled: run the stage (ablation switch).
+    lr, momentum, weight_decay, batch_size: SGD on batches of suspects (and clean samples).
+    max_epochs: passes over the suspects at most.
+    stop_acc: stop once the suspects' accuracy on their given labels is at most this.
+    descend: also descend on a batch of confident clean samples each step.
+    clean_ratio: confident clean = this fraction of the non-suspects, lowest loss first, outside
+        the suspects' label classes.
+    """
+
+    enabled: bool = True
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    max_epochs: int = 5
+    stop_acc: float = 0.1
+    descend: bool = True
+    clean_ratio: float = 0.5
+
+
+@dataclass(frozen=True)
+class SemiCfg:
+    """Args:
+    enabled: run the stage (ablation switch).
+    rounds: equal rounds of ``mixmatch.epochs``; the split is re-selected before each.
+    budget: labelled share of the non-suspects (lowest CE of the given label) in round 1.
+    budget_final: the share in the last round, linear in between (None: ``budget`` throughout):
+        as the model improves, more of its labels are trusted.
+    balanced: apply ``budget`` within each given-label class rather than globally.
+    lr: Adam learning rate (DBD's 2e-3).
+    schedule: ``cosine`` (per epoch, over all semi epochs, to 0) or ``constant`` (DBD).
+    mixmatch: MixMatch settings; ``epochs`` counts all rounds, ``rampup_length`` is in these
+        epochs.
+    """
+
+    enabled: bool = True
+    rounds: int = 4
+    budget: float = 0.5
+    budget_final: float | None = None
+    balanced: bool = True
+    lr: float = 0.002
+    schedule: str = "cosine"
+    mixmatch: MixMatchCfg = field(default_factory=lambda: MixMatchCfg(
+        epochs=40, iters_per_epoch=1024, rampup_length=40,
+        augment=AugmentCfg(crop_pad=4, pad_mode="reflect", flip=None)))
+
+
+@dataclass(frozen=True)
+class DLPParams:
+    """Every value is ours (no official code); see the module docstring."""
+
+    supervised: TrainCfg = field(default_factory=lambda: TrainCfg(
+        epochs=10, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, schedule="cosine", augment=AugmentCfg(crop_pad=4, flip=None)))
+    filter: FilterCfg = field(default_factory=FilterCfg)
+    unlearn: UnlearnCfg = field(default_factory=UnlearnCfg)
+    semi: SemiCfg = field(default_factory=SemiCfg)
+
+
+def _check(p: DLPParams) -> None:
+    if p.filter.mode not in ("dominant_class", "global"):
+        raise ConfigError(f"dlp filter.mode must be dominant_class or global, got "
+                          f"'{p.filter.mode}'")
+    if not 0 < p.filter.ratio < 1:
+        raise ConfigError(f"dlp filter.ratio must be in (0, 1), got {p.filter.ratio}")
+    for b in (p.semi.budget, p.semi.budget_final):
+        if b is not None and not 0 < b < 1:
+            raise ConfigError(f"dlp semi.budget and budget_final must be in (0, 1), got {b}")
+    if p.semi.rounds < 1 or p.semi.rounds > max(p.semi.mixmatch.epochs, 1):
+        raise ConfigError(f"dlp semi.rounds must be in [1, semi.mixmatch.epochs], got "
+                          f"{p.semi.rounds}")
+    if p.semi.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"dlp semi.schedule must be cosine or constant, got "
+                          f"'{p.semi.schedule}'")
+    if not 0 < p.unlearn.clean_ratio <= 1:
+        raise ConfigError(f"dlp unlearn.clean_ratio must be in (0, 1], got "
+                          f"{p.unlearn.clean_ratio}")
+
+
+def entropy_filter(entropy: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: FilterCfg
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Suspect mask ``[N]`` from per-sample entropies and the given labels, and what was found
+    (``filter_class``: the flagged class or −1, ``filter_separability``)."""
+    n = len(entropy)
+    cap = int(cfg.ratio * n)
+    if cfg.mode == "global":
+        return lowest_fraction(entropy, cfg.ratio), {}
+    logh = entropy.clamp_min(cfg.floor).log10()
+    best, best_sep, best_cut = -1, -math.inf, 0.0
+    for c in range(num_classes):
+        members = logh[y == c]
+        if len(members) < 2:
+            continue
+        cut, sep = otsu(members)
+        if sep > best_sep:
+            best, best_sep, best_cut = c, sep, cut
+    mask = torch.zeros(n, dtype=torch.bool, device=entropy.device)
+    info = {"filter_class": float(best), "filter_separability": best_sep}
+    if best < 0 or best_sep < cfg.min_separability:
+        info["filter_class"] = -1.0
+        return mask, info
+    cand = ((y == best) & (logh <= best_cut)).nonzero()[:, 0]
+    keep = cand[torch.argsort(entropy[cand], stable=True)[:cap]]
+    mask[keep] = True
+    return mask, info
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eng: Engine, norm: bool
+              ) -> float:
+    return (predict(model, x, eng, normalize=norm).argmax(1) == y).float().mean().item()
+
+
+def _cycle(idx: torch.Tensor, size: int, gen: torch.Generator):
+    while True:  # shuffled batches of ``idx``, restarted whenever they run out
+        for b in batches(len(idx), size, gen):
+            yield idx[b]
+
+
+def active_unlearn(model: nn.Module, data: ImageSet, suspects: torch.Tensor, cfg: UnlearnCfg,
+                   eng: Engine, gen: torch.Generator, norm: bool) -> dict[str, float]:
+    """Ascend on the suspects (given labels), descend on confident clean samples, until the
+    suspects' accuracy is ≤ ``stop_acc``. Returns steps taken and the accuracy before/after."""
+    sx, sy = data.x[suspects], data.y[suspects]
+    acc0 = acc = _accuracy(model, sx, sy, eng, norm)
+    losses = F.cross_entropy(predict(model, data.x, eng, normalize=norm), data.y,
+                             reduction="none")
+    pool = ~suspects & ~torch.isin(data.y, sy.unique())
+    pool_idx = pool.nonzero()[:, 0]
+    clean_idx = pool_idx[torch.argsort(losses[pool_idx], stable=True)
+                         [: max(int(cfg.clean_ratio * len(pool_idx)), 1)]]
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    steps = 0
+    clean_batches = _cycle(clean_idx, cfg.batch_size, gen)
+    for _ in range(cfg.max_epochs):
+        if acc <= cfg.stop_acc:
+            break
+        for idx in batches(len(sx), cfg.batch_size, gen):
+            model.train()
+            with eng.autocast():
+                loss = -F.cross_entropy(model(eng.prep(sx[idx], norm)).float(), sy[idx])
+                if cfg.descend and len(clean_idx):
+                    jdx = next(clean_batches)
+                    loss = loss + F.cross_entropy(
+                        model(eng.prep(data.x[jdx], norm)).float(), data.y[jdx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            acc = _accuracy(model, sx, sy, eng, norm)
+            if acc <= cfg.stop_acc:
+                break
+    return {"unlearn_steps": float(steps), "unlearn_suspect_acc_before": acc0,
+            "unlearn_suspect_acc_after": acc}
+
+
+def select_labelled(model: nn.Module, data: ImageSet, exclude: torch.Tensor, budget: float,
+                    eng: Engine, norm: bool, balanced: bool = True) -> torch.Tensor:
+    """Bool mask ``[N]``: the ``budget`` share of the samples outside ``exclude`` with the lowest
+    CE of their given label under ``model`` (eval, un-augmented). ``balanced``: that share of
+    every given-label class (a global cut keeps the easy classes and starves the hard ones)."""
+    losses = F.cross_entropy(predict(model, data.x, eng, normalize=norm), data.y,
+                             reduction="none")
+    losses[exclude] = math.inf
+    mask = torch.zeros_like(exclude)
+    groups = ([data.y == c for c in range(data.num_classes)] if balanced
+              else [torch.ones_like(exclude)])
+    for g in groups:
+        idx = (g & ~exclude).nonzero()[:, 0]
+        n = int(budget * len(idx))
+        mask[idx[torch.argsort(losses[idx], stable=True)[:n]]] = True
+    return mask
+
+
+def _budget(cfg: SemiCfg, r: int) -> float:
+    """Labelled share in round ``r`` (0-based)."""
+    if cfg.budget_final is None or cfg.rounds == 1:
+        return cfg.budget
+    return cfg.budget + (cfg.budget_final - cfg.budget) * r / (cfg.rounds - 1)
+
+
+@DEFENSES.register("dlp", DLPParams)
+def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
+    _check(p)
+    eng, extra = ctx.engine, {}
+    norm = p.supervised.normalize
+    model = eng.place(ctx.make_model())
+
+    with ctx.stage("supervised"):
+        if p.supervised.epochs > 0:
+            hist = fit(model, data.x, data.y, p.supervised, eng, ctx.gen("supervised"),
+                       hflip=data.hflip, desc="dlp supervised")
+            extra["supervised_acc"] = hist[-1]["acc"]
+
+    with ctx.stage("filter"):
+        entropy = predictive_entropy(predict(model, data.x, eng, normalize=norm))
+        suspects, info = entropy_filter(entropy, data.y, data.num_classes, p.filter)
+        if not p.filter.enabled:
+            suspects = torch.zeros_like(suspects)
+        extra |= info | {"n_filtered": float(suspects.sum())}
+        log.info("dlp filter: %d suspects (class %d, separability %.3f)", int(suspects.sum()),
+                 int(info.get("filter_class", -1)), info.get("filter_separability", math.nan))
+
+    if p.unlearn.enabled and suspects.any():
+        with ctx.stage("unlearn"):
+            extra |= active_unlearn(model, data, suspects, p.unlearn, eng, ctx.gen("unlearn"),
+                                    norm)
+        log.info("dlp unlearn: %d steps, suspects' accuracy %.3f -> %.3f",
+                 int(extra["unlearn_steps"]), extra["unlearn_suspect_acc_before"],
+                 extra["unlearn_suspect_acc_after"])
+
+    out = {"filter": suspects}
+    mm = p.semi.mixmatch
+    if p.semi.enabled and mm.epochs > 0:
+        opt = torch.optim.Adam(model.parameters(), lr=p.semi.lr)
+        gen = ctx.gen("semi")
+        starts = [math.floor(r * mm.epochs / p.semi.rounds) for r in range(p.semi.rounds)]
+        labelled = None
+        for epoch in range(mm.epochs):
+            if epoch in starts:
+                r = starts.index(epoch)
+                with ctx.stage("select"):
+                    new = select_labelled(model, data, suspects, _budget(p.semi, r), eng,
+                                          norm, p.semi.balanced)
+                if labelled is not None:
+                    extra[f"semi_turnover_r{r + 1}"] = ((new & ~labelled).sum()
+                                                        / new.sum()).item()
+                labelled = new
+            if p.semi.schedule == "cosine":
+                for g in opt.param_groups:
+                    g["lr"] = p.semi.lr * 0.5 * (1 + math.cos(math.pi * epoch / mm.epochs))
+            with ctx.stage("semi"):
+                stats = mixmatch_epoch(model, opt, data.x, data.y, labelled, data.num_classes,
+                                       mm, eng, gen, hflip=data.hflip, epoch=epoch,
+                                       normalize=norm,
+                                       desc=f"dlp semi {epoch + 1}/{mm.epochs}")
+            extra |= {f"semi_{k}_ep{epoch + 1}": v for k, v in stats.items()}
+            log.info("dlp semi epoch %d/%d round %d lx %.4f lu %.4f lambda_u %.2f", epoch + 1,
+                     mm.epochs, r + 1, stats["lx"], stats["lu"], stats["lambda_u"])
+        out["semi"] = ~labelled
+    return DefenseResult(model, suspects=out, extra=extra, normalize=norm, headline="filter")

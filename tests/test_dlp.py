@@ -1,0 +1,207 @@
+"""DLP: entropy ranking, the dominant-class filter, active unlearning, the labelled budget, the
+interface and the ablation switches end to end."""
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bench.data import ImageSet
+from bench.errors import ConfigError
+from bench.registry import build_params
+from bench.run import run
+from bench.train import Engine
+from defenses.dlp import (
+    DLPParams,
+    FilterCfg,
+    UnlearnCfg,
+    active_unlearn,
+    dlp,
+    entropy_filter,
+    select_labelled,
+)
+from defenses.selection import otsu, predictive_entropy
+
+CPU = torch.device("cpu")
+
+
+def engine() -> Engine:
+    return Engine(CPU, (0.5,), (0.25,), amp=False, channels_last=False)
+
+
+def test_predictive_entropy_hand_made_logits():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [math.log(3), 0.0, 0, 0]])
+    h = predictive_entropy(logits)
+    assert h[0] == pytest.approx(math.log(4))
+    assert h[1] == pytest.approx(0.0, abs=1e-6)
+    p = torch.tensor([0.5, 1 / 6, 1 / 6, 1 / 6])  # softmax of row 2
+    assert h[2] == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+    # lower entropy = more confident: the ranking puts the one-hot row first
+    assert torch.argsort(h).tolist() == [1, 2, 0]
+
+
+def test_otsu_two_point_masses_and_a_spread():
+    cut, sep = otsu(torch.tensor([-5.0] * 10 + [1.0] * 30))
+    assert sep == pytest.approx(1.0) and -5 <= cut < 1
+    _, sep_uniform = otsu(torch.linspace(0, 1, 1001))
+    assert sep_uniform == pytest.approx(0.75, abs=0.01)
+    assert otsu(torch.ones(5)) == (1.0, 0.0)
+
+
+def planted_entropies(n_per_class=100, k=5, target=2, n_low=40, seed=0):
+    """Unimodal entropies for every class; the target class also holds ``n_low`` samples with
+    near-zero entropy (the learned backdoor)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(k).repeat_interleave(n_per_class)
+    h = torch.exp(torch.randn(len(y), generator=g) * 0.5 - 1.0)  # log-normal around 0.37
+    low = (y == target).nonzero()[:n_low, 0]
+    h[low] = 1e-5 * torch.rand(n_low, generator=g) + 1e-6
+    planted = torch.zeros(len(y), dtype=torch.bool)
+    planted[low] = True
+    return h, y, planted
+
+
+def test_dominant_class_filter_finds_the_planted_cluster():
+    h, y, planted = planted_entropies()
+    sus, info = entropy_filter(h, y, 5, FilterCfg())
+    assert info["filter_class"] == 2 and info["filter_separability"] > 0.9
+    assert torch.equal(sus, planted)
+
+
+def test_filter_cap_and_global_mode():
+    h, y, planted = planted_entropies()
+    sus, _ = entropy_filter(h, y, 5, FilterCfg(ratio=0.05))  # cap 25 of 500
+    assert int(sus.sum()) == 25 and bool((sus <= planted).all())
+    glob, _ = entropy_filter(h, y, 5, FilterCfg(mode="global", ratio=0.1))
+    assert torch.equal(glob, torch.zeros_like(glob).index_fill_(0, torch.argsort(h)[:50], True))
+
+
+def test_filter_flags_nothing_without_a_separable_class():
+    h, y, _ = planted_entropies(n_low=0)
+    sus, info = entropy_filter(h, y, 5, FilterCfg())
+    assert not sus.any() and info["filter_class"] == -1
+    assert info["filter_separability"] < FilterCfg().min_separability
+
+
+def planted_backdoor(n=240, k=3, seed=0):
+    """Noise images; a bright 3×3 corner patch on a fifth of them, labelled 0 (the target)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 100, (n, 1, 10, 10), generator=g, dtype=torch.uint8)
+    y = torch.randint(1, k, (n,), generator=g)
+    y[: n // 3] = 0
+    poisoned = torch.zeros(n, dtype=torch.bool)
+    poisoned[n - n // 5 :] = True
+    x[poisoned, :, -3:, -3:] = 255
+    y[poisoned] = 0
+    return ImageSet(x=x, y=y, num_classes=k, mean=(0.3,), std=(0.3,), hflip=False,
+                    name="toy"), poisoned
+
+
+def test_active_unlearning_lowers_suspects_target_confidence():
+    from bench.models import create_model
+    from bench.train import TrainCfg, fit, predict
+
+    data, poisoned = planted_backdoor()
+    eng = engine()
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 3, 1, width=0.25)
+    fit(model, data.x, data.y, TrainCfg(epochs=8, lr=0.05, batch_size=32), eng,
+        torch.Generator().manual_seed(0), hflip=False)
+    conf_before = predict(model, data.x[poisoned], eng).softmax(1)[:, 0]
+    assert conf_before.mean() > 0.8  # the planted backdoor is learned
+    out = active_unlearn(model, data, poisoned, UnlearnCfg(lr=0.05, batch_size=16), eng,
+                         torch.Generator().manual_seed(1), norm=True)
+    conf_after = predict(model, data.x[poisoned], eng).softmax(1)[:, 0]
+    assert out["unlearn_suspect_acc_before"] > 0.9
+    assert out["unlearn_suspect_acc_after"] <= 0.1 and out["unlearn_steps"] >= 1
+    assert conf_after.mean() < 0.5 * conf_before.mean()
+
+
+class LookupModel(nn.Module):
+    """Returns fixed logits per sample; the sample's index is stored in pixel (0, 0)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.logits[(x[:, 0, 0, 0] * 0.25 + 0.5).mul(255).round().long()]
+
+
+def test_labelled_selection_follows_budget_and_balance():
+    g = torch.Generator().manual_seed(0)
+    n, k = 120, 3
+    y = torch.tensor([0] * 60 + [1] * 40 + [2] * 20)
+    x = torch.zeros(n, 1, 2, 2, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    data = ImageSet(x=x, y=y, num_classes=k, mean=(0.5,), std=(0.25,), hflip=False, name="t")
+    logits = torch.randn(n, k, generator=g) * 3
+    exclude = torch.zeros(n, dtype=torch.bool)
+    exclude[:10] = True  # suspects: never labelled
+    eng, model = engine(), LookupModel(logits)
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+    lab = select_labelled(model, data, exclude, 0.5, eng, norm=True, balanced=True)
+    assert not (lab & exclude).any()
+    for c, members in ((0, 50), (1, 40), (2, 20)):  # non-excluded members per class
+        in_c = (y == c) & ~exclude
+        assert int((lab & in_c).sum()) == int(0.5 * members)
+        # the chosen are the lowest-loss members of their class
+        assert ce[lab & in_c].max() <= ce[~lab & in_c].min()
+
+    glob = select_labelled(model, data, exclude, 0.25, eng, norm=True, balanced=False)
+    assert int(glob.sum()) == int(0.25 * 110) and not (glob & exclude).any()
+    assert ce[glob].max() <= ce[~glob & ~exclude].min()
+
+
+def test_defense_cannot_reach_ground_truth():
+    assert list(inspect.signature(dlp).parameters) == ["data", "p", "ctx"]
+    assert not {"y_true", "kind"} & set(ImageSet.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("key,value", [("filter", {"mode": "nope"}), ("semi", {"budget": 1.5}),
+                                       ("semi", {"rounds": 99}), ("filter", {"ratio": 0})])
+def test_bad_params_are_config_errors(key, value):
+    from defenses.dlp import _check
+
+    p = build_params(DLPParams, {key: value}, "defense dlp")
+    with pytest.raises(ConfigError):
+        _check(p)
+
+
+SMALL = ["defense=dlp", "defense.params.supervised.epochs=2",
+         "defense.params.semi.mixmatch.epochs=2", "defense.params.semi.mixmatch.iters_per_epoch=3",
+         "defense.params.semi.mixmatch.batch_size=16", "defense.params.semi.rounds=2",
+         "defense.params.filter.min_separability=0.5", "attack=badnets"]
+
+
+def test_dlp_end_to_end_with_ablation_switches(tiny_cfg):
+    row = run(tiny_cfg(*SMALL))
+    assert row["status"] == "ok"
+    stages = list(row["stage_s"])
+    assert stages[1:3] == ["supervised", "filter"] and "semi" in stages and "select" in stages
+    ex = row["extra"]
+    assert {"filter_iso_precision", "filter_iso_recall", "semi_iso_precision"} <= set(ex)
+    assert row["n_suspects"] == ex["n_filtered"] > 0  # the headline is the entropy filter
+
+    assert row["defense"] == "dlp" and row["iso_precision"] == ex["filter_iso_precision"]
+
+    no_semi = run(tiny_cfg(*SMALL, "+ablation=dlp_no_semi"))
+    assert no_semi["defense"] == "dlp.no_semi" and no_semi["run_id"] != row["run_id"]
+    assert "semi" not in no_semi["stage_s"] and "semi_iso_precision" not in no_semi["extra"]
+    no_unlearn = run(tiny_cfg(*SMALL, "+ablation=dlp_no_unlearn"))
+    assert "unlearn" not in no_unlearn["stage_s"]
+    assert "unlearn_steps" not in no_unlearn["extra"]
+    no_filter = run(tiny_cfg(*SMALL, "+ablation=dlp_no_filter"))
+    assert no_filter["n_suspects"] == 0 and "unlearn" not in no_filter["stage_s"]
+
+
+def test_budget_grows_linearly_over_rounds():
+    from defenses.dlp import SemiCfg, _budget
+
+    cfg = SemiCfg(rounds=5, budget=0.5, budget_final=0.9)
+    assert [round(_budget(cfg, r), 6) for r in range(5)] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert _budget(SemiCfg(rounds=4, budget=0.5), 3) == 0.5
