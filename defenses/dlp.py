@@ -18,8 +18,9 @@ Stages (each a timed stage):
 3. ``unlearn`` — gradient ascent on the suspects with their given labels, jointly with descent on
    confidently clean samples, until the suspects' accuracy falls to ``stop_acc``.
 4. ``semi`` — MixMatch (``defenses/mixmatch.py``, DBD's implementation) on the whole model with
-   labelled = the ``budget`` fraction of samples whose given label the current model finds most
-   credible (lowest CE), never a suspect; unlabelled = the rest. The split is re-selected with the
+   labelled = the ``budget`` share of samples whose given label the current model finds most
+   credible (lowest CE), never a suspect (optionally growing linearly to ``budget_final`` by the
+   last round); unlabelled = the rest. The split is re-selected with the
    current model at the start of each of ``rounds`` equal rounds ("active"). The last round's
    unlabelled set is reported as ``"semi"``; the row's headline ``iso_precision``/``iso_recall``
    score the entropy filter.

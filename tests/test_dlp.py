@@ -204,4 +204,4 @@ def test_budget_grows_linearly_over_rounds():
 
     cfg = SemiCfg(rounds=5, budget=0.5, budget_final=0.9)
     assert [round(_budget(cfg, r), 6) for r in range(5)] == [0.5, 0.6, 0.7, 0.8, 0.9]
-    assert _budget(SemiCfg(rounds=4, budget=0.5), 3) == 0.5
+    assert _budget(SemiCfg(rounds=4, budget=0.5, budget_final=None), 3) == 0.5
