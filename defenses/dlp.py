@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from bench.augment import AugmentCfg
 from bench.data import ImageSet
 from bench.errors import ConfigError
-from bench.train import Engine, TrainCfg, batches, fit, predict
+from bench.train import Engine, TrainCfg, batches, fit, lr_factor, per_sample_loss, predict
 from defenses.base import DEFENSES, DefenseContext, DefenseResult
 from defenses.mixmatch import MixMatchCfg, mixmatch_epoch
 from defenses.selection import lowest_fraction, otsu, predictive_entropy
@@ -215,8 +215,7 @@ def active_unlearn(model: nn.Module, data: ImageSet, suspects: torch.Tensor, cfg
     suspects' accuracy is ≤ ``stop_acc``. Returns steps taken and the accuracy before/after."""
     sx, sy = data.x[suspects], data.y[suspects]
     acc0 = acc = _accuracy(model, sx, sy, eng, norm)
-    losses = F.cross_entropy(predict(model, data.x, eng, normalize=norm), data.y,
-                             reduction="none")
+    losses = per_sample_loss(model, data.x, data.y, eng, normalize=norm)
     pool = ~suspects & ~torch.isin(data.y, sy.unique())
     pool_idx = pool.nonzero()[:, 0]
     clean_idx = pool_idx[torch.argsort(losses[pool_idx], stable=True)
@@ -252,8 +251,7 @@ def select_labelled(model: nn.Module, data: ImageSet, exclude: torch.Tensor, bud
     """Bool mask ``[N]``: the ``budget`` share of the samples outside ``exclude`` with the lowest
     CE of their given label under ``model`` (eval, un-augmented). ``balanced``: that share of
     every given-label class (a global cut keeps the easy classes and starves the hard ones)."""
-    losses = F.cross_entropy(predict(model, data.x, eng, normalize=norm), data.y,
-                             reduction="none")
+    losses = per_sample_loss(model, data.x, data.y, eng, normalize=norm)
     losses[exclude] = math.inf
     mask = torch.zeros_like(exclude)
     groups = ([data.y == c for c in range(data.num_classes)] if balanced
@@ -306,6 +304,7 @@ def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
     mm = p.semi.mixmatch
     if p.semi.enabled and mm.epochs > 0:
         opt = torch.optim.Adam(model.parameters(), lr=p.semi.lr)
+        schedule = TrainCfg(epochs=mm.epochs, schedule=p.semi.schedule)  # per-epoch lr factor
         gen = ctx.gen("semi")
         starts = [math.floor(r * mm.epochs / p.semi.rounds) for r in range(p.semi.rounds)]
         labelled = None
@@ -319,9 +318,8 @@ def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
                     extra[f"semi_turnover_r{r + 1}"] = ((new & ~labelled).sum()
                                                         / new.sum()).item()
                 labelled = new
-            if p.semi.schedule == "cosine":
-                for g in opt.param_groups:
-                    g["lr"] = p.semi.lr * 0.5 * (1 + math.cos(math.pi * epoch / mm.epochs))
+            for g in opt.param_groups:
+                g["lr"] = p.semi.lr * lr_factor(schedule, epoch)
             with ctx.stage("semi"):
                 stats = mixmatch_epoch(model, opt, data.x, data.y, labelled, data.num_classes,
                                        mm, eng, gen, hflip=data.hflip, epoch=epoch,
