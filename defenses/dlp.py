@@ -119,6 +119,10 @@ class SemiCfg:
     budget_final: the share in the last round, linear in between (None: ``budget`` throughout):
         as the model improves, more of its labels are trusted.
     balanced: apply ``budget`` within each given-label class rather than globally.
+    budget_flagged: with ``balanced``, the labelled share of the class the filter flagged, kept
+        fixed over the rounds (None: the same as every class). Its non-suspects hold the
+        poisoned samples the filter missed, and the lowest-CE ranking reaches them first as the
+        budget grows.
     lr: Adam learning rate (DBD's 2e-3).
     schedule: ``cosine`` (per epoch, over all semi epochs, to 0) or ``constant`` (DBD).
     mixmatch: MixMatch settings; ``epochs`` counts all rounds, ``rampup_length`` is in these
@@ -128,8 +132,9 @@ class SemiCfg:
     enabled: bool = True
     rounds: int = 4
     budget: float = 0.5
-    budget_final: float | None = None
+    budget_final: float | None = 0.9
     balanced: bool = True
+    budget_flagged: float | None = 0.5
     lr: float = 0.002
     schedule: str = "cosine"
     mixmatch: MixMatchCfg = field(default_factory=lambda: MixMatchCfg(
@@ -155,9 +160,10 @@ def _check(p: DLPParams) -> None:
                           f"'{p.filter.mode}'")
     if not 0 < p.filter.ratio < 1:
         raise ConfigError(f"dlp filter.ratio must be in (0, 1), got {p.filter.ratio}")
-    for b in (p.semi.budget, p.semi.budget_final):
+    for b in (p.semi.budget, p.semi.budget_final, p.semi.budget_flagged):
         if b is not None and not 0 < b < 1:
-            raise ConfigError(f"dlp semi.budget and budget_final must be in (0, 1), got {b}")
+            raise ConfigError(f"dlp semi.budget, budget_final and budget_flagged must be in "
+                              f"(0, 1), got {b}")
     if p.semi.rounds < 1 or p.semi.rounds > max(p.semi.mixmatch.epochs, 1):
         raise ConfigError(f"dlp semi.rounds must be in [1, semi.mixmatch.epochs], got "
                           f"{p.semi.rounds}")
@@ -247,18 +253,21 @@ def active_unlearn(model: nn.Module, data: ImageSet, suspects: torch.Tensor, cfg
 
 
 def select_labelled(model: nn.Module, data: ImageSet, exclude: torch.Tensor, budget: float,
-                    eng: Engine, norm: bool, balanced: bool = True) -> torch.Tensor:
+                    eng: Engine, norm: bool, balanced: bool = True,
+                    class_budget: dict[int, float] | None = None) -> torch.Tensor:
     """Bool mask ``[N]``: the ``budget`` share of the samples outside ``exclude`` with the lowest
     CE of their given label under ``model`` (eval, un-augmented). ``balanced``: that share of
-    every given-label class (a global cut keeps the easy classes and starves the hard ones)."""
+    every given-label class (a global cut keeps the easy classes and starves the hard ones);
+    ``class_budget`` overrides the share of single classes."""
     losses = per_sample_loss(model, data.x, data.y, eng, normalize=norm)
     losses[exclude] = math.inf
     mask = torch.zeros_like(exclude)
-    groups = ([data.y == c for c in range(data.num_classes)] if balanced
-              else [torch.ones_like(exclude)])
-    for g in groups:
+    class_budget = class_budget or {}
+    groups = ([(data.y == c, class_budget.get(c, budget)) for c in range(data.num_classes)]
+              if balanced else [(torch.ones_like(exclude), budget)])
+    for g, share in groups:
         idx = (g & ~exclude).nonzero()[:, 0]
-        n = int(budget * len(idx))
+        n = int(share * len(idx))
         mask[idx[torch.argsort(losses[idx], stable=True)[:n]]] = True
     return mask
 
@@ -307,17 +316,21 @@ def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
         schedule = TrainCfg(epochs=mm.epochs, schedule=p.semi.schedule)  # per-epoch lr factor
         gen = ctx.gen("semi")
         starts = [math.floor(r * mm.epochs / p.semi.rounds) for r in range(p.semi.rounds)]
-        labelled = None
+        labelled, flagged = None, int(extra.get("filter_class", -1))
+        fixed = ({flagged: p.semi.budget_flagged}
+                 if p.semi.budget_flagged is not None and flagged >= 0 and suspects.any()
+                 else None)
         for epoch in range(mm.epochs):
             if epoch in starts:
                 r = starts.index(epoch)
                 with ctx.stage("select"):
                     new = select_labelled(model, data, suspects, _budget(p.semi, r), eng,
-                                          norm, p.semi.balanced)
+                                          norm, p.semi.balanced, fixed)
                 if labelled is not None:
                     extra[f"semi_turnover_r{r + 1}"] = ((new & ~labelled).sum()
                                                         / new.sum()).item()
                 labelled = new
+                extra[f"semi_n_labelled_r{r + 1}"] = float(new.sum())
             for g in opt.param_groups:
                 g["lr"] = p.semi.lr * lr_factor(schedule, epoch)
             with ctx.stage("semi"):

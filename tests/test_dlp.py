@@ -152,6 +152,12 @@ def test_labelled_selection_follows_budget_and_balance():
         # the chosen are the lowest-loss members of their class
         assert ce[lab & in_c].max() <= ce[~lab & in_c].min()
 
+    # a fixed share for one class (the flagged one), the budget for the others
+    fixed = select_labelled(model, data, exclude, 0.9, eng, norm=True, balanced=True,
+                            class_budget={0: 0.2})
+    assert [int((fixed & (y == c)).sum()) for c in range(k)] == [10, 36, 18]
+    assert ce[fixed & (y == 0)].max() <= ce[~fixed & (y == 0) & ~exclude].min()
+
     glob = select_labelled(model, data, exclude, 0.25, eng, norm=True, balanced=False)
     assert int(glob.sum()) == int(0.25 * 110) and not (glob & exclude).any()
     assert ce[glob].max() <= ce[~glob & ~exclude].min()
@@ -163,6 +169,7 @@ def test_defense_cannot_reach_ground_truth():
 
 
 @pytest.mark.parametrize("key,value", [("filter", {"mode": "nope"}), ("semi", {"budget": 1.5}),
+                                       ("semi", {"budget_flagged": 0.0}),
                                        ("semi", {"rounds": 99}), ("filter", {"ratio": 0})])
 def test_bad_params_are_config_errors(key, value):
     from defenses.dlp import _check
@@ -186,6 +193,7 @@ def test_dlp_end_to_end_with_ablation_switches(tiny_cfg):
     ex = row["extra"]
     assert {"filter_iso_precision", "filter_iso_recall", "semi_iso_precision"} <= set(ex)
     assert row["n_suspects"] == ex["n_filtered"] > 0  # the headline is the entropy filter
+    assert ex["semi_n_labelled_r1"] < ex["semi_n_labelled_r2"]  # budget 0.5 -> 0.9
 
     assert row["defense"] == "dlp" and row["iso_precision"] == ex["filter_iso_precision"]
 
