@@ -34,11 +34,17 @@ GROUPS = ("dataset", "model", "attack", "defense", "train", "sweep", "experiment
           "ablation")
 
 
-def group_options(group: str) -> list[str]:
+def group_options(group: str, nested: bool = False) -> list[str]:
+    """Options of a config group; ``nested`` adds the variants kept in its sub-folders
+    (``conf/attack/dbd/blended.yaml`` is the option ``dbd/blended``)."""
     folder = resources.files("conf") / group
     if not folder.is_dir():
         return []
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    opts = [p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")]
+    if nested:
+        opts += [f"{d.name}/{p.name[:-5]}" for d in folder.iterdir() if d.is_dir()
+                 for p in d.iterdir() if p.name.endswith(".yaml")]
+    return sorted(opts)
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -56,7 +62,7 @@ def check_overrides(argv: list[str]) -> None:
                 sys.exit(2)
         if not sep or key not in GROUPS:
             continue
-        known = group_options(key)
+        known = group_options(key, nested=True)
         for opt in value.split(","):
             opt = opt.strip()
             if opt and opt not in known:

@@ -1,0 +1,279 @@
+"""Paper tables: ``python -m bench.paper check [EXPERIMENT ...]``.
+
+Each experiment of ``conf/experiment/`` has a full-scale config (the paper's setting, for GPUs)
+and a ``_reduced`` variant (Fashion-MNIST, CPU-scale model and epochs) that CI runs. The reduced
+variants are slices of the Fashion-MNIST main table: they write to ``results/fashion_mnist``, so
+a row is computed once and serves every paper (and the main leaderboard). ``check`` reads, per
+experiment:
+
+- the published numbers, ``results/reference/<source>.csv``;
+- our full-scale rows, ``results/paper/<experiment>`` (empty until run on a GPU);
+- our reduced rows, ``results/fashion_mnist`` (``--reduced``);
+
+asserts the paper's qualitative claims on the reduced rows (``CLAIMS``), and writes
+``results/paper/<experiment>.md``: paper, full-scale and reduced numbers side by side, then every
+claim with its measured value, threshold and verdict. Exit status 1 when a claim fails or its rows
+are missing, unless the claim is a documented known gap at CPU scale (``KNOWN_GAPS``: reported
+as such in the markdown, never hidden).
+
+Claims, all on the mean over seeds of ``ok`` rows:
+- ``attack_works``: without defense the attack succeeds, ASR ≥ ``MIN_ATTACK_ASR``.
+- ``removes``: the defense brings ASR ≤ ``MAX_DEFENDED_ASR``.
+- ``keeps_ba``: BA(none) − BA(defense) ≤ max(0, the paper's own gap) + ``BA_MARGIN``; the
+  paper's gap comes from its reference rows for the same attack (0 where it published no
+  no-defense BA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from bench.errors import BenchError
+from bench.rows import atomic_write, load_rows
+
+MIN_ATTACK_ASR = 0.90
+MAX_DEFENDED_ASR = 0.05
+# Reduced runs train on 10k images for ~15 epochs: BA moves by about a point between seeds or
+# thread counts (DLP on WaNet: 0.851 with 1 thread, 0.860 with 2), so the BA claim allows the
+# paper's own gap plus 5 points, DBD's own bar at CPU scale.
+BA_MARGIN = 0.05
+REDUCED_RATE = 0.1  # the reduced claims are checked at 10% poisoning
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One paper table.
+
+    Args:
+        title: heading of the markdown.
+        source: reference CSV stem (``results/reference/<source>.csv``).
+        setting: the paper's setting, in words.
+        attacks: attacks of the reduced variant whose claims are checked.
+        defenses: the defenses the paper claims for (``none`` is implied).
+        poison_rate: the reference rows' poison rate to compare with (None: any).
+    """
+
+    title: str
+    source: str
+    setting: str
+    attacks: tuple[str, ...]
+    defenses: tuple[str, ...]
+    poison_rate: float | None = None
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "dbd_cifar10": Experiment(
+        "DBD (Huang et al., ICLR 2022)", "dbd",
+        "CIFAR-10, ResNet-18, official DBD code defaults",
+        ("badnets", "blended", "wanet"), ("dbd",)),
+    "abl_cifar10": Experiment(
+        "ABL (Li et al., NeurIPS 2021)", "abl",
+        "CIFAR-10, WRN-16-1, 10% of all samples, target 0",
+        ("badnets", "blended"), ("abl",)),
+    "backdoorbench_cifar10": Experiment(
+        "BackdoorBench leaderboard slice (DLP's claims checked here)", "backdoorbench",
+        "CIFAR-10, PreAct-ResNet18, BackdoorBench's victim recipe",
+        ("badnets", "blended", "wanet"), ("dlp",), poison_rate=0.1),
+}
+
+# Claims that do not hold at CPU scale today, with the measured reason (see the issue notes and
+# README). A known gap that holds again is reported as such, so the entry can be dropped.
+_DBD_BA = ("the CPU preset's SimCLR stage (40 of a 400-epoch schedule on 10k images) gives "
+           "features a linear head fits to about 66%; MixMatch then reaches 0.68-0.74 BA")
+_ABL_ISO = ("5 isolation epochs on 10k images (a tenth of the official steps) isolate BadNets with "
+            "precision 1.0 but recall 0.1 and no Blended sample; unlearning 1% then costs BA, "
+            "mostly on the target class, before it removes the backdoor")
+KNOWN_GAPS: dict[tuple[str, str, str, str], str] = {
+    ("dbd_cifar10", "keeps_ba", "badnets", "dbd"): _DBD_BA,
+    ("dbd_cifar10", "keeps_ba", "blended", "dbd"): _DBD_BA,
+    ("dbd_cifar10", "keeps_ba", "wanet", "dbd"): _DBD_BA,
+    ("abl_cifar10", "removes", "badnets", "abl"): _ABL_ISO,
+    ("abl_cifar10", "keeps_ba", "badnets", "abl"): _ABL_ISO,
+    ("abl_cifar10", "removes", "blended", "abl"): _ABL_ISO,
+    ("abl_cifar10", "keeps_ba", "blended", "abl"): _ABL_ISO,
+    ("backdoorbench_cifar10", "removes", "wanet", "dlp"): (
+        "after 8 supervised epochs WaNet's poisoned samples are not low-entropy (median log10 "
+        "entropy -0.64 against -0.34 for clean target-class samples, no class splits), so the "
+        "filter flags nothing and only MixMatch acts on the backdoor"),
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    experiment: str
+    claim: str
+    attack: str
+    defense: str
+    value: float
+    threshold: str
+    status: str          # pass | FAIL | missing | known gap | holds (known gap)
+    note: str = ""
+
+    @property
+    def fails(self) -> bool:
+        return self.status in ("FAIL", "missing")
+
+
+def _mean(rows: pd.DataFrame, attack: str, defense: str, metric: str) -> float:
+    sub = rows[(rows.attack == attack) & (rows.defense == defense)]
+    vals = pd.to_numeric(sub[metric], errors="coerce").dropna()
+    return float(vals.mean()) if len(vals) else math.nan
+
+
+def _ok_rows(results_dir: Path) -> pd.DataFrame:
+    """``ok`` rows from ``rows/`` (what a run writes), else from the committed ``runs.csv``."""
+    if not (results_dir / "rows").is_dir() and (results_dir / "runs.csv").is_file():
+        rows = pd.read_csv(results_dir / "runs.csv")
+    else:
+        rows = load_rows(results_dir)  # no folder at all: an empty table
+    return rows[rows.status == "ok"]
+
+
+def load_reference(ref_dir: Path, exp: Experiment) -> pd.DataFrame:
+    path = ref_dir / f"{exp.source}.csv"
+    if not path.is_file():
+        raise BenchError(f"missing reference table {path}; restore it from git")
+    ref = pd.read_csv(path)
+    if exp.poison_rate is not None:
+        ref = ref[pd.to_numeric(ref.poison_rate, errors="coerce").sub(exp.poison_rate).abs()
+                  < 1e-9]
+    return ref
+
+
+def paper_gap(ref: pd.DataFrame, attack: str, defense: str) -> float:
+    """BA(none) − BA(defense) as published for ``attack`` (NaN where either is missing)."""
+    return _mean(ref, attack, "none", "ba") - _mean(ref, attack, defense, "ba")
+
+
+def _verdict(name: str, claim: str, attack: str, defense: str, value: float, ok: bool,
+             threshold: str) -> Verdict:
+    gap = KNOWN_GAPS.get((name, claim, attack, defense))
+    if math.isnan(value):
+        status = "missing"
+    elif gap is not None:
+        status = "holds (known gap)" if ok else "known gap"
+    else:
+        status = "pass" if ok else "FAIL"
+    return Verdict(name, claim, attack, defense, value, threshold, status, gap or "")
+
+
+def check(name: str, exp: Experiment, reduced: pd.DataFrame, ref: pd.DataFrame
+          ) -> list[Verdict]:
+    """Every claim of ``exp`` on the ``ok`` rows ``reduced``."""
+    out = []
+    for a in exp.attacks:
+        asr = _mean(reduced, a, "none", "asr")
+        out.append(_verdict(name, "attack_works", a, "none", asr, asr >= MIN_ATTACK_ASR,
+                            f"ASR ≥ {MIN_ATTACK_ASR:.2f}"))
+        for d in exp.defenses:
+            asr = _mean(reduced, a, d, "asr")
+            out.append(_verdict(name, "removes", a, d, asr, asr <= MAX_DEFENDED_ASR,
+                                f"ASR ≤ {MAX_DEFENDED_ASR:.2f}"))
+            drop = _mean(reduced, a, "none", "ba") - _mean(reduced, a, d, "ba")
+            gap = paper_gap(ref, a, d)
+            allowed = max(0.0, 0.0 if math.isnan(gap) else gap) + BA_MARGIN
+            out.append(_verdict(name, "keeps_ba", a, d, drop, drop <= allowed + 1e-12,
+                                f"BA drop ≤ {allowed:.3f}"))
+    return out
+
+
+def _pct(v: float) -> str:
+    return "" if math.isnan(v) else f"{100 * v:.1f}"
+
+
+def _cell(rows: pd.DataFrame, attack: str, defense: str) -> str:
+    ba, asr = _mean(rows, attack, defense, "ba"), _mean(rows, attack, defense, "asr")
+    return "" if math.isnan(ba) and math.isnan(asr) else f"{_pct(ba)} / {_pct(asr)}"
+
+
+def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
+             reduced: pd.DataFrame, verdicts: list[Verdict]) -> str:
+    attacks = list(dict.fromkeys([*exp.attacks, *ref.attack.dropna(), *full.attack.dropna()]))
+    defenses = ["none", *exp.defenses]
+    lines = [f"# {exp.title}", "",
+             f"Paper setting: {exp.setting}. Full scale: `python -m bench experiment={name}`; "
+             f"reduced (Fashion-MNIST, CPU scale): `python -m bench experiment={name}_reduced`; "
+             f"this page: `python -m bench.paper check`.", "",
+             "BA / ASR (%). Paper: `results/reference/" + exp.source + ".csv`; full scale: empty "
+             "until run; reduced: mean over seeds.", "",
+             "| attack | defense | paper | ours, full scale | ours, reduced |",
+             "|---|---|---|---|---|"]
+    for a in attacks:
+        for d in defenses:
+            cells = [_cell(ref, a, d), _cell(full, a, d), _cell(reduced, a, d)]
+            if any(cells):
+                lines.append(f"| {a} | {d} | " + " | ".join(cells) + " |")
+    cites = sorted(set(ref.get("citation", pd.Series(dtype=str)).dropna()))
+    if cites:
+        lines += ["", "Sources: " + "; ".join(cites)]
+    lines += ["", "## Claims on the reduced run", "",
+              "| claim | attack | defense | measured | threshold | verdict |",
+              "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        val = "" if math.isnan(v.value) else f"{v.value:.3f}"
+        lines.append(f"| {v.claim} | {v.attack} | {v.defense} | {val} | {v.threshold} | "
+                     f"{v.status} |")
+    gaps = [v for v in verdicts if v.note]
+    if gaps:
+        lines += ["", "Known gaps at CPU scale:", ""]
+        lines += [f"- {v.claim} {v.attack}/{v.defense}: {v.note}" for v in gaps]
+    return "\n".join(lines) + "\n"
+
+
+def run_check(full_root: Path, reduced_dir: Path, out: Path, ref_dir: Path,
+              names: list[str] | None = None) -> list[Verdict]:
+    """Check ``names`` (default: all experiments) on the rows in ``reduced_dir``, with full-scale
+    rows from ``<full_root>/<name>``; write ``<out>/<name>.md``; return the verdicts."""
+    verdicts = []
+    for name in names or list(EXPERIMENTS):
+        if name not in EXPERIMENTS:
+            raise BenchError(f"unknown experiment '{name}'; one of {', '.join(EXPERIMENTS)}")
+        exp = EXPERIMENTS[name]
+        ref = load_reference(ref_dir, exp)
+        full = _ok_rows(full_root / name)
+        reduced = _ok_rows(reduced_dir)
+        reduced = reduced[pd.to_numeric(reduced.poison_rate, errors="coerce")
+                          .sub(REDUCED_RATE).abs() < 1e-9]
+        vs = check(name, exp, reduced, ref)
+        atomic_write(out / f"{name}.md", markdown(name, exp, ref, full, reduced, vs))
+        verdicts += vs
+    return verdicts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.paper", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="check the reduced runs against the papers' claims")
+    c.add_argument("experiments", nargs="*", help=f"default: all of {', '.join(EXPERIMENTS)}")
+    c.add_argument("--reduced", default="results/fashion_mnist",
+                   help="results dir of the reduced runs (default results/fashion_mnist)")
+    c.add_argument("--full", default="results/paper",
+                   help="folder holding <experiment>/ full-scale results (default results/paper)")
+    c.add_argument("--out", default=None, help="markdown folder (default: --full)")
+    c.add_argument("--reference", default="results/reference")
+    args = ap.parse_args(argv)
+    try:
+        full = Path(args.full)
+        verdicts = run_check(full, Path(args.reduced), Path(args.out) if args.out else full,
+                             Path(args.reference), args.experiments or None)
+    except BenchError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    for v in verdicts:
+        val = "—" if math.isnan(v.value) else f"{v.value:.3f}"
+        print(f"{v.status:>18}  {v.experiment} {v.claim} {v.attack}/{v.defense}: {val} "
+              f"({v.threshold})")
+    bad = [v for v in verdicts if v.fails]
+    print(f"{len(verdicts) - len(bad)}/{len(verdicts)} claims hold or are known gaps"
+          + (f"; {len(bad)} failing or missing" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
