@@ -44,6 +44,7 @@ MAX_DEFENDED_ASR = 0.05
 # paper's own gap plus 5 points, DBD's own bar at CPU scale.
 BA_MARGIN = 0.05
 REDUCED_RATE = 0.1  # the reduced claims are checked at 10% poisoning
+REDUCED_SEEDS = (0,)  # on the reduced variants' seed; other seeds are shown, not checked
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ KNOWN_GAPS: dict[tuple[str, str, str, str], str] = {
     ("dbd_cifar10", "keeps_ba", "badnets", "dbd"): _DBD_BA,
     ("dbd_cifar10", "keeps_ba", "blended", "dbd"): _DBD_BA,
     ("dbd_cifar10", "keeps_ba", "wanet", "dbd"): _DBD_BA,
+    ("dbd_cifar10", "removes", "blended", "dbd"): (
+        "ASR 0.055 at seed 0 with one thread per job, 0.038 in a two-thread run of the same "
+        "config: at CPU scale DBD sits on the bar for Blended"),
     ("abl_cifar10", "removes", "badnets", "abl"): _ABL_ISO,
     ("abl_cifar10", "keeps_ba", "badnets", "abl"): _ABL_ISO,
     ("abl_cifar10", "removes", "blended", "abl"): _ABL_ISO,
@@ -192,8 +196,16 @@ def _cell(rows: pd.DataFrame, attack: str, defense: str) -> str:
     return "" if math.isnan(ba) and math.isnan(asr) else f"{_pct(ba)} / {_pct(asr)}"
 
 
+def _seeds_cell(rows: pd.DataFrame, attack: str, defense: str) -> str:
+    sub = rows[(rows.attack == attack) & (rows.defense == defense)]
+    if len(sub) < 2:
+        return ""
+    return f"{_cell(rows, attack, defense)} (n = {len(sub)})"
+
+
 def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
-             reduced: pd.DataFrame, verdicts: list[Verdict]) -> str:
+             reduced: pd.DataFrame, verdicts: list[Verdict],
+             all_seeds: pd.DataFrame | None = None) -> str:
     attacks = list(dict.fromkeys([*exp.attacks, *ref.attack.dropna(), *full.attack.dropna()]))
     defenses = ["none", *exp.defenses]
     lines = [f"# {exp.title}", "",
@@ -201,12 +213,16 @@ def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
              f"reduced (Fashion-MNIST, CPU scale): `python -m bench experiment={name}_reduced`; "
              f"this page: `python -m bench.paper check`.", "",
              "BA / ASR (%). Paper: `results/reference/" + exp.source + ".csv`; full scale: empty "
-             "until run; reduced: mean over seeds.", "",
-             "| attack | defense | paper | ours, full scale | ours, reduced |",
-             "|---|---|---|---|---|"]
+             "until run; reduced: seed " + ", ".join(map(str, REDUCED_SEEDS)) + " (what the "
+             "claims are checked on), and the mean over every seed in the results dir where "
+             "there is more than one.", "",
+             "| attack | defense | paper | ours, full scale | ours, reduced | ours, reduced, all "
+             "seeds |", "|---|---|---|---|---|---|"]
+    all_seeds = reduced if all_seeds is None else all_seeds
     for a in attacks:
         for d in defenses:
-            cells = [_cell(ref, a, d), _cell(full, a, d), _cell(reduced, a, d)]
+            cells = [_cell(ref, a, d), _cell(full, a, d), _cell(reduced, a, d),
+                     _seeds_cell(all_seeds, a, d)]
             if any(cells):
                 lines.append(f"| {a} | {d} | " + " | ".join(cells) + " |")
     cites = sorted(set(ref.get("citation", pd.Series(dtype=str)).dropna()))
@@ -238,10 +254,12 @@ def run_check(full_root: Path, reduced_dir: Path, out: Path, ref_dir: Path,
         ref = load_reference(ref_dir, exp)
         full = _ok_rows(full_root / name)
         reduced = _ok_rows(reduced_dir)
-        reduced = reduced[pd.to_numeric(reduced.poison_rate, errors="coerce")
-                          .sub(REDUCED_RATE).abs() < 1e-9]
+        all_seeds = reduced[pd.to_numeric(reduced.poison_rate, errors="coerce")
+                            .sub(REDUCED_RATE).abs() < 1e-9]
+        reduced = all_seeds[pd.to_numeric(all_seeds.seed, errors="coerce").isin(REDUCED_SEEDS)]
         vs = check(name, exp, reduced, ref)
-        atomic_write(out / f"{name}.md", markdown(name, exp, ref, full, reduced, vs))
+        atomic_write(out / f"{name}.md",
+                     markdown(name, exp, ref, full, reduced, vs, all_seeds))
         verdicts += vs
     return verdicts
 

@@ -22,7 +22,7 @@ REDUCED = {
     ("badnets", "none", 0): (0.90, 1.00),
     ("badnets", "none", 1): (0.88, 0.98),
     ("badnets", "dbd", 0): (0.83, 0.02),   # drop 0.07 <= paper gap 0.03 + margin 0.05
-    ("badnets", "dbd", 1): (0.81, 0.04),
+    ("badnets", "dbd", 1): (0.81, 0.04),   # seed 1: shown, not checked
     ("blended", "none", 0): (0.90, 0.80),  # the attack fails
     ("blended", "dbd", 0): (0.80, 0.10),   # drop 0.10 > margin 0.05 (no paper none BA)
 }
@@ -57,10 +57,10 @@ def test_claims_verdicts(setup: tuple[Path, Path]) -> None:
     results, ref = setup
     v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
     assert v["attack_works", "badnets", "none"].status == "pass"
-    assert v["attack_works", "badnets", "none"].value == pytest.approx(0.99)
-    assert v["removes", "badnets", "dbd"].value == pytest.approx(0.03)  # failed row ignored
+    assert v["attack_works", "badnets", "none"].value == pytest.approx(1.0)  # seed 0 only
+    assert v["removes", "badnets", "dbd"].value == pytest.approx(0.02)  # failed row ignored
     assert v["removes", "badnets", "dbd"].status == "pass"
-    assert v["keeps_ba", "badnets", "dbd"].value == pytest.approx(0.07)  # 0.89 - 0.82
+    assert v["keeps_ba", "badnets", "dbd"].value == pytest.approx(0.07)  # 0.90 - 0.83
     assert v["keeps_ba", "badnets", "dbd"].threshold == "BA drop ≤ 0.080"
     assert v["keeps_ba", "badnets", "dbd"].status == "pass"
     assert v["attack_works", "blended", "none"].status == "FAIL"
@@ -104,7 +104,8 @@ def test_markdown_side_by_side(setup: tuple[Path, Path]) -> None:
     _rows(results / "paper" / "toy", {("badnets", "dbd", 0): (0.93, 0.005)})  # a full-scale row
     run_check(results / "paper", results / "fashion_mnist", results / "paper", ref)
     md = (results / "paper" / "toy.md").read_text()
-    assert "| badnets | dbd | 92.0 / 1.0 | 93.0 / 0.5 | 82.0 / 3.0 |" in md
+    assert "| badnets | dbd | 92.0 / 1.0 | 93.0 / 0.5 | 83.0 / 2.0 | 82.0 / 3.0 (n = 2) |" in md
+    assert "| blended | dbd | 92.0 / 1.0 |  | 80.0 / 10.0 |  |" in md
     assert "| keeps_ba | blended | dbd | 0.100 | BA drop ≤ 0.050 | FAIL |" in md
     assert "Sources: Toy README" in md
 
