@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.rows import atomic_write, load_rows
+from bench.rows import atomic_write, latest_per_cell, load_rows
 
 MIN_ATTACK_ASR = 0.90
 MAX_DEFENDED_ASR = 0.05
@@ -136,7 +136,7 @@ def _ok_rows(results_dir: Path) -> pd.DataFrame:
         rows = pd.read_csv(results_dir / "runs.csv")
     else:
         rows = load_rows(results_dir)  # no folder at all: an empty table
-    return rows[rows.status == "ok"]
+    return latest_per_cell(rows[rows.status == "ok"])[0]
 
 
 def load_reference(ref_dir: Path, exp: Experiment) -> pd.DataFrame:

@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D
 from omegaconf import DictConfig
 
 from bench.errors import BenchError
-from bench.rows import atomic_write, load_rows
+from bench.rows import atomic_write, latest_per_cell, load_rows
 
 log = logging.getLogger("bench")
 
@@ -163,13 +163,25 @@ def failed_note(failed: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
-def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok: int) -> str:
+def superseded_note(superseded: pd.DataFrame | None) -> list[str]:
+    """One bullet per ok row left out because a newer config of its cell and seed exists."""
+    if superseded is None or superseded.empty:
+        return []
+    lines = [f"{len(superseded)} superseded row{'s' if len(superseded) != 1 else ''} left out "
+             "(a newer config of the same cell and seed exists; rerun or delete them):", ""]
+    lines += [f"- {rid}" for rid in superseded.run_id]
+    return [*lines, ""]
+
+
+def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok: int,
+             superseded: pd.DataFrame | None = None) -> str:
     """The whole ``leaderboard.md``."""
     lines = [f"# Leaderboard — {results_dir}", "",
              f"{n_ok + len(failed)} runs: {n_ok} ok, {len(failed)} failed.", "", HEADER, ""]
     if not n_ok:
         lines += [f"**no successful runs in {results_dir}**", ""]
-    return "\n".join(lines + failed_note(failed) + _sections(board)).rstrip() + "\n"
+    return "\n".join(lines + failed_note(failed) + superseded_note(superseded)
+                     + _sections(board)).rstrip() + "\n"
 
 
 def defense_colors(defenses: list[str]) -> dict[str, str]:
@@ -275,12 +287,16 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
     out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(results_dir)
     ok, failed = rows[rows.status == "ok"], rows[rows.status != "ok"]
+    ok, superseded = latest_per_cell(ok)
     board = leaderboard(ok)
     notes = [f"no successful runs in {results_dir}"] if ok.empty else []
     notes += [f"{len(failed)} failed run(s), listed in leaderboard.md"] if len(failed) else []
+    notes += ([f"{len(superseded)} superseded row(s) left out, listed in leaderboard.md"]
+              if len(superseded) else [])
     paths = {"leaderboard.csv": out / "leaderboard.csv", "leaderboard.md": out / "leaderboard.md"}
     atomic_write(paths["leaderboard.csv"], board.to_csv(index=False))
-    atomic_write(paths["leaderboard.md"], markdown(board, failed, results_dir, len(ok)))
+    atomic_write(paths["leaderboard.md"],
+                 markdown(board, failed, results_dir, len(ok), superseded))
     if not ok.empty:
         paths["ba_vs_asr.png"] = ba_vs_asr(board, out / "ba_vs_asr.png")
         paths["stage_cost.png"] = stage_cost(ok, out / "stage_cost.png")

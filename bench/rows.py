@@ -106,6 +106,21 @@ def load_rows(results_dir: str | Path) -> pd.DataFrame:
     return df.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
 
 
+CELL = ["dataset", "model", "attack", "defense", "poison_rate", "seed"]
+
+
+def latest_per_cell(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(kept, superseded)``: the newest row of each (dataset, model, attack, defense, poison
+    rate, seed) cell and the older rows of the same cell. Two rows share a cell but not a run id
+    when the config hash changed in between (a new default, a new config key), so the older one
+    measured a config that no longer exists and must not count as another seed."""
+    if rows.empty:
+        return rows, rows
+    newest_last = rows.sort_values("timestamp", kind="stable", na_position="first")
+    old = newest_last.duplicated(CELL, keep="last")
+    return newest_last[~old].sort_index(), newest_last[old].sort_index()
+
+
 def collect(results_dir: str | Path) -> Path:
     """Rebuild ``<results_dir>/runs.csv`` from all row files; returns its path."""
     out = Path(results_dir) / "runs.csv"

@@ -33,7 +33,8 @@ def _rows(folder: Path, cells: dict) -> None:
         write_row(folder, {"run_id": f"{attack}-{defense}-s{seed}", "dataset": "fashion_mnist",
                            "model": "cnn_small", "attack": attack, "defense": defense,
                            "poison_rate": 0.1, "seed": seed, "ba": ba, "asr": asr,
-                           "status": "ok", "error": None})
+                           "status": "ok", "error": None,
+                           "timestamp": "2026-01-01T00:00:00+00:00"})
     write_row(folder, {"run_id": "badnets-dbd-s9", "attack": "badnets", "defense": "dbd",
                        "seed": 9, "ba": 0.0, "asr": 1.0, "status": "failed", "error": "boom"})
 
@@ -126,3 +127,13 @@ def test_experiments_have_reduced_configs_and_references() -> None:
         assert (root / "conf" / "experiment" / f"{name}.yaml").is_file(), name
         assert (root / "conf" / "experiment" / f"{name}_reduced.yaml").is_file(), name
         assert (root / "results" / "reference" / f"{exp.source}.csv").is_file(), name
+
+
+def test_superseded_rows_do_not_count(setup: tuple[Path, Path]) -> None:
+    results, ref = setup
+    write_row(results / "fashion_mnist", {
+        "run_id": "badnets-dbd-s0-oldhash", "dataset": "fashion_mnist", "model": "cnn_small",
+        "attack": "badnets", "defense": "dbd", "poison_rate": 0.1, "seed": 0, "ba": 0.1,
+        "asr": 0.9, "status": "ok", "error": None, "timestamp": "2000-01-01T00:00:00+00:00"})
+    v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
+    assert v["removes", "badnets", "dbd"].value == pytest.approx(0.02)

@@ -160,3 +160,17 @@ def test_cli_subprocess(tmp_path: Path) -> None:
     assert {p.name for p in out.iterdir()} == {"leaderboard.csv", "leaderboard.md",
                                                "ba_vs_asr.png", "stage_cost.png"}
     assert "| badnets | 90.0 / 95.0 |" in (out / "leaderboard.md").read_text()
+
+
+def test_superseded_config_is_not_another_seed(tmp_path: Path) -> None:
+    """A row of an older config of the same cell and seed (its config hash changed) is left out
+    and listed, not averaged in as a second seed."""
+    old = make_row("badnets", "abl", 0, ba=0.50, asr=0.90, timestamp="2026-01-01T00:00:00+00:00")
+    new = make_row("badnets", "abl", 0, ba=0.80, asr=0.10, timestamp="2026-01-02T00:00:00+00:00")
+    write_row(tmp_path, old | {"run_id": "toy-cnn-badnets-abl-s0-oldhash"})
+    write_row(tmp_path, new | {"run_id": "toy-cnn-badnets-abl-s0-newhash"})
+    built = report(tmp_path)
+    board = pd.read_csv(built["leaderboard.csv"])
+    assert board.ba_n.tolist() == [1] and board.ba_mean.tolist() == [0.80]
+    md = built["leaderboard.md"].read_text()
+    assert "1 superseded row left out" in md and "- toy-cnn-badnets-abl-s0-oldhash" in md
