@@ -10,13 +10,14 @@ experiment:
 - our full-scale rows, ``results/paper/<experiment>`` (empty until run on a GPU);
 - our reduced rows, ``results/fashion_mnist`` (``--reduced``);
 
-asserts the paper's qualitative claims on the reduced rows (``CLAIMS``), and writes
+asserts the paper's qualitative claims on the reduced rows (``check``), and writes
 ``results/paper/<experiment>.md``: paper, full-scale and reduced numbers side by side, then every
 claim with its measured value, threshold and verdict. Exit status 1 when a claim fails or its rows
 are missing, unless the claim is a documented known gap at CPU scale (``KNOWN_GAPS``: reported
 as such in the markdown, never hidden).
 
-Claims, all on the mean over seeds of ``ok`` rows:
+Claims, on the newest ``ok`` row of each cell at ``REDUCED_RATE`` and ``REDUCED_SEEDS`` (the
+reduced variants' seed; rows of other seeds are shown beside, not checked):
 - ``attack_works``: without defense the attack succeeds, ASR ≥ ``MIN_ATTACK_ASR``.
 - ``removes``: the defense brings ASR ≤ ``MAX_DEFENDED_ASR``.
 - ``keeps_ba``: BA(none) − BA(defense) ≤ max(0, the paper's own gap) + ``BA_MARGIN``; the
@@ -124,9 +125,16 @@ class Verdict:
         return self.status in ("FAIL", "missing")
 
 
+def _cell_rows(rows: pd.DataFrame, attack: str, defense: str) -> pd.DataFrame:
+    return rows[(rows.attack == attack) & (rows.defense == defense)]
+
+
+def _at_rate(rows: pd.DataFrame, rate: float) -> pd.DataFrame:
+    return rows[pd.to_numeric(rows.poison_rate, errors="coerce").sub(rate).abs() < 1e-9]
+
+
 def _mean(rows: pd.DataFrame, attack: str, defense: str, metric: str) -> float:
-    sub = rows[(rows.attack == attack) & (rows.defense == defense)]
-    vals = pd.to_numeric(sub[metric], errors="coerce").dropna()
+    vals = pd.to_numeric(_cell_rows(rows, attack, defense)[metric], errors="coerce").dropna()
     return float(vals.mean()) if len(vals) else math.nan
 
 
@@ -144,10 +152,7 @@ def load_reference(ref_dir: Path, exp: Experiment) -> pd.DataFrame:
     if not path.is_file():
         raise BenchError(f"missing reference table {path}; restore it from git")
     ref = pd.read_csv(path)
-    if exp.poison_rate is not None:
-        ref = ref[pd.to_numeric(ref.poison_rate, errors="coerce").sub(exp.poison_rate).abs()
-                  < 1e-9]
-    return ref
+    return ref if exp.poison_rate is None else _at_rate(ref, exp.poison_rate)
 
 
 def paper_gap(ref: pd.DataFrame, attack: str, defense: str) -> float:
@@ -197,15 +202,12 @@ def _cell(rows: pd.DataFrame, attack: str, defense: str) -> str:
 
 
 def _seeds_cell(rows: pd.DataFrame, attack: str, defense: str) -> str:
-    sub = rows[(rows.attack == attack) & (rows.defense == defense)]
-    if len(sub) < 2:
-        return ""
-    return f"{_cell(rows, attack, defense)} (n = {len(sub)})"
+    n = len(_cell_rows(rows, attack, defense))
+    return f"{_cell(rows, attack, defense)} (n = {n})" if n > 1 else ""
 
 
 def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
-             reduced: pd.DataFrame, verdicts: list[Verdict],
-             all_seeds: pd.DataFrame | None = None) -> str:
+             reduced: pd.DataFrame, verdicts: list[Verdict], all_seeds: pd.DataFrame) -> str:
     attacks = list(dict.fromkeys([*exp.attacks, *ref.attack.dropna(), *full.attack.dropna()]))
     defenses = ["none", *exp.defenses]
     lines = [f"# {exp.title}", "",
@@ -218,7 +220,6 @@ def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
              "there is more than one.", "",
              "| attack | defense | paper | ours, full scale | ours, reduced | ours, reduced, all "
              "seeds |", "|---|---|---|---|---|---|"]
-    all_seeds = reduced if all_seeds is None else all_seeds
     for a in attacks:
         for d in defenses:
             cells = [_cell(ref, a, d), _cell(full, a, d), _cell(reduced, a, d),
@@ -247,16 +248,14 @@ def run_check(full_root: Path, reduced_dir: Path, out: Path, ref_dir: Path,
     """Check ``names`` (default: all experiments) on the rows in ``reduced_dir``, with full-scale
     rows from ``<full_root>/<name>``; write ``<out>/<name>.md``; return the verdicts."""
     verdicts = []
+    all_seeds = _at_rate(_ok_rows(reduced_dir), REDUCED_RATE)  # read once, shared by all
+    reduced = all_seeds[pd.to_numeric(all_seeds.seed, errors="coerce").isin(REDUCED_SEEDS)]
     for name in names or list(EXPERIMENTS):
         if name not in EXPERIMENTS:
             raise BenchError(f"unknown experiment '{name}'; one of {', '.join(EXPERIMENTS)}")
         exp = EXPERIMENTS[name]
         ref = load_reference(ref_dir, exp)
         full = _ok_rows(full_root / name)
-        reduced = _ok_rows(reduced_dir)
-        all_seeds = reduced[pd.to_numeric(reduced.poison_rate, errors="coerce")
-                            .sub(REDUCED_RATE).abs() < 1e-9]
-        reduced = all_seeds[pd.to_numeric(all_seeds.seed, errors="coerce").isin(REDUCED_SEEDS)]
         vs = check(name, exp, reduced, ref)
         atomic_write(out / f"{name}.md",
                      markdown(name, exp, ref, full, reduced, vs, all_seeds))
