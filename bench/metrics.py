@@ -45,6 +45,15 @@ def isolation_quality(suspect: torch.Tensor, kind: torch.Tensor) -> tuple[float,
     return precision, recall
 
 
+def kept_poison_fraction(suspect: torch.Tensor, kind: torch.Tensor) -> float:
+    """Share of poisoned samples (``kind == 1``) among those *not* flagged: the poison a defense
+    keeps training on as clean (DBD's labelled set, ABL's retained set). NaN when all are
+    flagged."""
+    kept = ~suspect.cpu().bool()
+    n_kept = kept.sum().item()
+    return (kept & (kind.cpu() == 1)).sum().item() / n_kept if n_kept else math.nan
+
+
 def der(ba_none: float, asr_none: float, ba_def: float, asr_def: float) -> float:
     """Defense effectiveness rate (BackdoorBench's corrected "simplied" variant)."""
     return (max(0.0, asr_none - asr_def) - max(0.0, ba_none - ba_def) + 1) / 2

@@ -127,7 +127,8 @@ def run(cfg: RunConfig) -> dict:
     extra = dict(result.extra)
     for stage, mask in flagged.items():
         p, r = metrics.isolation_quality(mask, ptrain.kind)
-        extra |= {f"{stage}_iso_precision": p, f"{stage}_iso_recall": r}
+        extra |= {f"{stage}_iso_precision": p, f"{stage}_iso_recall": r,
+                  f"{stage}_kept_poison": metrics.kept_poison_fraction(mask, ptrain.kind)}
     row |= {"wall_s": time.perf_counter() - start, "stage_s": timer.seconds,
             "peak_mem_mb": timer.peak_mem_mb, "device": str(device),
             "threads": torch.get_num_threads(), "status": "ok", "error": None,

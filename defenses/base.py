@@ -31,7 +31,8 @@ class DefenseResult:
     normalize: whether the final model expects normalised inputs (None: the run's
         ``train.normalize``); evaluation prepares test images the same way.
     headline: the ``suspects`` entry scored in the row's ``iso_precision``/``iso_recall``
-        (None: the last one); every entry is also scored as ``<stage>_iso_*`` in ``extra``.
+        (None: the last one); every entry is also scored in ``extra`` as ``<stage>_iso_precision``,
+        ``<stage>_iso_recall`` and ``<stage>_kept_poison`` (poisoned share of the unflagged).
     """
 
     model: nn.Module

@@ -21,7 +21,10 @@ Stages (each a timed stage; every number a key of ``conf/defense/dbd.yaml``):
    the training dataset) and re-split at the start of every semi-supervised epoch with the current
    model (``split_on: augmented``, ``resplit: every_epoch``); the paper reads as one split on
    clean images (``split_on: clean``, ``resplit: once``). The unlabelled set of the last split is
-   reported as suspects (``"split"``).
+   reported as suspects (``"split"``, the row's ``iso_*``), and every split as ``"split_ep<k>"``:
+   the harness scores each, so the row's ``extra`` holds the poisoned share of the labelled set
+   per epoch (``split_ep<k>_kept_poison``). ``split_min_class_share_ep<k>`` is the smallest
+   labelled share of a given-label class (a class with no labels is learned from guesses only).
 4. ``mixmatch`` — MixMatch on the whole model (``defenses/mixmatch.py``): batches 64 + 64, K = 2,
    T = 0.5, Beta(0.75, 0.75), λ_u = 15·clip(t/190, 0, 1) with t the global epoch *including* the
    10 warm-up epochs, 190 epochs × 1024 iterations, same Adam, no EMA. The final model is the
@@ -176,13 +179,18 @@ def dbd(data: ImageSet, p: DBDParams, ctx: DefenseContext) -> DefenseResult:
         extra |= {f"linear_{k}_ep{h['epoch']}": h[k] for h in hist for k in ("loss", "acc")}
 
     split_gen, mm_gen = ctx.gen("split"), ctx.gen("mixmatch")
-    labelled = None
+    labelled, suspects = None, {}
     for epoch in range(max(p.mixmatch.epochs, 1)):
         if labelled is None or p.split.resplit == "every_epoch":
             with ctx.stage("credibility_split"):
                 new, losses = credibility_split(model, data, p, eng, split_gen)
             ep = f"_ep{epoch + 1}"
             extra[f"split_threshold{ep}"] = losses[new].max().item()
+            share = torch.stack([new[data.y == c].float().mean()
+                                 for c in range(data.num_classes)]).nan_to_num(1.0)
+            extra[f"split_min_class_share{ep}"] = share.min().item()
+            extra[f"split_min_class{ep}"] = float(share.argmin())
+            suspects[f"split{ep}"] = ~new  # scored per epoch by the harness
             if labelled is not None:  # fraction of the labelled set replaced since last split
                 extra[f"split_turnover{ep}"] = (new & ~labelled).sum().item() / new.sum().item()
             labelled = new
@@ -198,6 +206,6 @@ def dbd(data: ImageSet, p: DBDParams, ctx: DefenseContext) -> DefenseResult:
                  epoch + 1, p.mixmatch.epochs, stats["lx"], stats["lu"], stats["lambda_u"],
                  int(labelled.sum()), len(labelled))
     extra["n_labelled"] = float(labelled.sum())
-    return DefenseResult(model, suspects={"split": ~labelled}, extra=extra,
-                         normalize=p.normalize)
+    return DefenseResult(model, suspects=suspects | {"split": ~labelled}, extra=extra,
+                         normalize=p.normalize, headline="split")
 

@@ -234,6 +234,13 @@ def test_dbd_end_to_end(tiny_cfg):
     extra = row["extra"]
     assert {"simclr_loss_ep2", "linear_loss_ep1", "mixmatch_lx_ep2", "split_turnover_ep2",
             "split_iso_precision"} <= set(extra)
+    # every re-split is scored: the poisoned share of the labelled set per epoch
+    assert extra["split_ep2_kept_poison"] == extra["split_kept_poison"]
+    assert 0 <= extra["split_ep1_kept_poison"] <= 1
+    assert extra["split_ep1_iso_recall"] == pytest.approx(
+        1 - extra["split_ep1_kept_poison"] * 300 / row["n_poisoned"])
+    assert 0 <= extra["split_min_class_share_ep1"] <= 1
+    assert row["iso_precision"] == extra["split_iso_precision"]
     # λu at the end of semi epoch 2 = 15·(1 warm-up + 1 + 1/2)/190
     assert extra["mixmatch_lambda_u_ep2"] == pytest.approx(15 * 2.5 / 190)
 

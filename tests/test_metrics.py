@@ -28,6 +28,15 @@ def test_isolation_quality_counts_only_kind_1():
     assert math.isnan(p) and r == 0.0
 
 
+def test_kept_poison_fraction_is_poison_share_of_the_unflagged():
+    kind = torch.tensor([0, 1, 1, 2, 0, 1])
+    flagged = torch.tensor([True, True, False, True, False, False])
+    # kept: indices 2, 4, 5 -> two poisoned (kind 1) of three
+    assert metrics.kept_poison_fraction(flagged, kind) == 2 / 3
+    assert metrics.kept_poison_fraction(kind == 1, kind) == 0.0
+    assert math.isnan(metrics.kept_poison_fraction(torch.ones(6, dtype=torch.bool), kind))
+
+
 def test_der_matches_definition():
     # ASR drops 0.9, BA drops 0.02 -> (0.9 - 0.02 + 1) / 2
     assert abs(metrics.der(0.90, 0.95, 0.88, 0.05) - 0.94) < 1e-9
