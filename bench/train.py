@@ -128,12 +128,12 @@ def batches(n: int, size: int, gen: torch.Generator | None, drop_last: bool = Fa
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: Engine,
         gen: torch.Generator, *, hflip: bool, loss_fn: LossFn | None = None,
         desc: str = "train", optimizer: torch.optim.Optimizer | None = None,
-        shuffle: bool = True) -> list[dict]:
+        shuffle: bool = True, on_epoch: Callable[[int], None] | None = None) -> list[dict]:
     """Train ``model`` on uint8 ``x`` [N, C, H, W] and labels ``y`` [N] (both on ``eng.device``).
 
     ``gen`` drives data order (unless ``shuffle`` is False: in index order) and augmentation.
     Returns one dict per epoch (``epoch``, ``loss``, ``acc``, ``lr``). Raises ``DivergedError`` on a
-    non-finite loss, naming the epoch.
+    non-finite loss, naming the epoch. ``on_epoch(epoch)`` (1-based) is called after each epoch.
     """
     loss_fn = loss_fn or F.cross_entropy
     opt = optimizer or make_optimizer(model.parameters(), cfg)
@@ -168,6 +168,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: 
         history.append(stats)
         log.info("%s epoch %d/%d loss %.4f acc %.4f lr %.4g", desc, epoch + 1, cfg.epochs,
                  mean_loss, stats["acc"], stats["lr"])
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return history
 
 

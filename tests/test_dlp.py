@@ -70,6 +70,19 @@ def test_dominant_class_filter_finds_the_planted_cluster():
     assert torch.equal(sus, planted)
 
 
+def test_filter_adds_the_last_epochs_low_cluster_of_the_chosen_class():
+    avg, y, planted = planted_entropies()
+    late = planted.nonzero()[-5:, 0]  # learned late: low entropy at the last epoch only
+    avg[late] = 0.4
+    last = avg.clone()
+    last[late] = 1e-6
+    last[(y == 3).nonzero()[:40, 0]] = 1e-6  # a low cluster in another class: not chosen
+    sus, info = entropy_filter(avg, y, 5, FilterCfg(), last=last)
+    assert info["filter_class"] == 2 and torch.equal(sus, planted)
+    sus_avg, _ = entropy_filter(avg, y, 5, FilterCfg())
+    assert torch.equal(sus_avg, planted & ~torch.isin(torch.arange(len(y)), late))
+
+
 def test_filter_cap_and_global_mode():
     h, y, planted = planted_entropies()
     sus, _ = entropy_filter(h, y, 5, FilterCfg(ratio=0.05))  # cap 25 of 500
@@ -170,7 +183,8 @@ def test_defense_cannot_reach_ground_truth():
 
 @pytest.mark.parametrize("key,value", [("filter", {"mode": "nope"}), ("semi", {"budget": 1.5}),
                                        ("semi", {"budget_flagged": 0.0}),
-                                       ("semi", {"rounds": 99}), ("filter", {"ratio": 0})])
+                                       ("semi", {"rounds": 99}), ("filter", {"ratio": 0}),
+                                       ("filter", {"from_epoch": 0})])
 def test_bad_params_are_config_errors(key, value):
     from defenses.dlp import _check
 
@@ -196,6 +210,12 @@ def test_dlp_end_to_end_with_ablation_switches(tiny_cfg):
     assert ex["semi_n_labelled_r1"] < ex["semi_n_labelled_r2"]  # budget 0.5 -> 0.9
 
     assert row["defense"] == "dlp" and row["iso_precision"] == ex["filter_iso_precision"]
+    assert ex["filter_epochs"] == 1  # from_epoch 2 of 2 supervised epochs
+    every = run(tiny_cfg(*SMALL, "defense.params.filter.from_epoch=1"))
+    assert every["extra"]["filter_epochs"] == 2
+    # same supervised model, a different entropy: the suspects change, the training does not
+    assert every["extra"]["supervised_acc"] == ex["supervised_acc"]
+    assert every["extra"]["filter_separability"] != ex["filter_separability"]
 
     no_semi = run(tiny_cfg(*SMALL, "+ablation=dlp_no_semi"))
     assert no_semi["defense"] == "dlp.no_semi" and no_semi["run_id"] != row["run_id"]
