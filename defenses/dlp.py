@@ -88,10 +88,11 @@ class FilterCfg:
     min_separability: ``dominant_class``: least Otsu separability (between-cluster share of the
         variance of log10 entropy) for a class to be flagged at all.
     floor: entropies are clamped to at least this before the log.
-    from_epoch: the entropy filtered is the geometric mean (mean of log10) of each sample's
+    from_epoch: the class is chosen on the geometric mean (mean of log10) of each sample's
         entropy after every supervised epoch from this one (1-based) to the last: the backdoor
         is learned fast, so its samples are confident early and throughout, where easy clean
-        samples become confident later. None: after the last epoch only.
+        samples become confident later. That class's suspects are its low cluster of the mean
+        or of the last epoch's entropy. None: the last epoch's entropy only.
     """
 
     enabled: bool = True
