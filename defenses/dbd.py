@@ -41,6 +41,11 @@ Deviations (ours):
   DBD's ResNet-18); the classifier is ``model.fc`` re-initialised.
 - The lowest-loss selection is ``defenses.selection.lowest_fraction`` (``int(ε·N)`` lowest,
   stable order).
+- ``split.class_floor`` (off by default): every given-label class also keeps its lowest-SCE
+  share labelled. The global cut can leave a hard class with no label at all (Fashion-MNIST's
+  shirt, measured in ``conf/defense_dataset/dbd_fashion_mnist.yaml``). A per-class loss cut is
+  the first stage of ASD (Gao et al., CVPR 2023, class-aware loss-guided split); its union with
+  DBD's global cut is ours.
 """
 
 from __future__ import annotations
@@ -72,11 +77,16 @@ class SplitCfg:
     epsilon: fraction of samples kept as labelled (lowest SCE loss).
     split_on: ``augmented`` (official: one view with the linear stage's augmentation) or ``clean``.
     resplit: ``every_epoch`` (official) or ``once`` (the paper's reading).
+    class_floor: ours, 0 = official. Each given-label class keeps at least this share of its
+        samples labelled (its lowest-SCE ones, added to the global selection), so a class the
+        head finds hard is not left without labels. A class the global split already covers is
+        unchanged, and so is the labelled set when every class is covered.
     """
 
     epsilon: float = 0.5
     split_on: str = "augmented"
     resplit: str = "every_epoch"
+    class_floor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,10 +147,15 @@ def sce_per_sample(model: nn.Module, data: ImageSet, p: DBDParams, eng: Engine,
 
 def credibility_split(model: nn.Module, data: ImageSet, p: DBDParams, eng: Engine,
                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool mask ``[N]`` of the ``int(ε·N)`` lowest-SCE samples (the labelled set), and the
-    losses."""
+    """Bool mask ``[N]`` of the ``int(ε·N)`` lowest-SCE samples (the labelled set), plus the
+    lowest ``class_floor`` share of every given-label class; and the losses."""
     losses = sce_per_sample(model, data, p, eng, gen)
-    return lowest_fraction(losses, p.split.epsilon), losses
+    keep = lowest_fraction(losses, p.split.epsilon)
+    if p.split.class_floor > 0:
+        for c in range(data.num_classes):
+            idx = (data.y == c).nonzero().squeeze(1)
+            keep[idx[lowest_fraction(losses[idx], p.split.class_floor)]] = True
+    return keep, losses
 
 
 def _check(p: DBDParams) -> None:
@@ -152,6 +167,9 @@ def _check(p: DBDParams) -> None:
                           f"'{p.split.resplit}'")
     if not 0 < p.split.epsilon < 1:
         raise ConfigError(f"dbd split.epsilon must be in (0, 1), got {p.split.epsilon}")
+    if not 0 <= p.split.class_floor <= p.split.epsilon:
+        raise ConfigError(f"dbd split.class_floor must be in [0, split.epsilon], got "
+                          f"{p.split.class_floor}")
     if p.linear.normalize != p.normalize:
         raise ConfigError("dbd: set defense.params.normalize (it applies to every stage), "
                           "not linear.normalize")

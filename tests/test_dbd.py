@@ -9,10 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.data import ImageSet
+from bench.errors import ConfigError
 from bench.models import create_model
 from bench.simclr_augment import SimCLRAugCfg, gaussian_blur, hsv_to_rgb, rgb_to_hsv, simclr_augment
 from bench.train import Engine
 from defenses.dbd import DBDParams, LinearProbe, SplitCfg, credibility_split
+from defenses.dbd import _check as dbd_check
 from defenses.losses import sce
 from defenses.mixmatch import interleave, lambda_u_at, mixup, sharpen, uninterleave
 from defenses.simclr import simclr_loss
@@ -203,6 +205,33 @@ def test_credibility_split_keeps_planted_low_loss(split_on):
     labelled, losses = credibility_split(Oracle(), data, p, eng, torch.Generator())
     assert labelled.sum() == 20 and labelled[planted].all()
     assert losses[planted].max() < losses[~planted].min()
+
+
+def test_class_floor_gives_a_starved_class_its_lowest_loss_labels():
+    n = 40
+    y = torch.arange(n) % 4
+    confident = y < 2  # the head fits classes 0 and 1 (one sample aside) and one of class 3
+    confident[(y == 1).nonzero()[-1]] = False
+    confident[(y == 3).nonzero()[3]] = True
+    value = torch.where(confident, 50 * y + 5, torch.full((n,), 250))
+    x = value.view(n, 1, 1, 1).expand(n, 1, 8, 8).to(torch.uint8).contiguous()
+    data = ImageSet(x=x, y=y, num_classes=4, mean=(0.5,), std=(0.25,), hflip=True, name="toy")
+    eng = Engine(torch.device("cpu"), data.mean, data.std, amp=False, channels_last=False)
+    for floor, per_class in ((0.0, [10, 9, 0, 1]), (0.2, [10, 9, 2, 2])):
+        p = DBDParams(split=SplitCfg(epsilon=0.5, split_on="clean", class_floor=floor),
+                      normalize=False)
+        p = replace(p, linear=replace(p.linear, normalize=False))
+        labelled, _ = credibility_split(Oracle(), data, p, eng, torch.Generator())
+        assert [int(labelled[y == c].sum()) for c in range(4)] == per_class
+    assert labelled[(y == 3).nonzero()[3]]  # the floor takes a class's lowest-loss samples first
+
+
+@pytest.mark.parametrize("split", [SplitCfg(split_on="test"), SplitCfg(resplit="never"),
+                                   SplitCfg(epsilon=1.0), SplitCfg(class_floor=0.6),
+                                   SplitCfg(class_floor=-0.1)])
+def test_bad_split_settings_are_one_line_config_errors(split):
+    with pytest.raises(ConfigError, match="dbd split"):
+        dbd_check(DBDParams(split=split))
 
 
 def test_linear_probe_freezes_backbone_but_not_bn_stats():
