@@ -77,9 +77,9 @@ class SplitCfg:
     epsilon: fraction of samples kept as labelled (lowest SCE loss).
     split_on: ``augmented`` (official: one view with the linear stage's augmentation) or ``clean``.
     resplit: ``every_epoch`` (official) or ``once`` (the paper's reading).
-    class_floor: ours, 0 = official. Each given-label class keeps at least this share of its
-        samples labelled (its lowest-SCE ones, added to the global selection), so a class the
-        head finds hard is not left without labels. A class the global split already covers is
+    class_floor: ours, 0 = official. Each given-label class also keeps its ``int(class_floor·n_c)``
+        lowest-SCE samples labelled (added to the global selection), so a class the head finds
+        hard is not left without labels. A class the global split already covers is
         unchanged, and so is the labelled set when every class is covered.
     """
 
@@ -203,7 +203,8 @@ def dbd(data: ImageSet, p: DBDParams, ctx: DefenseContext) -> DefenseResult:
             with ctx.stage("credibility_split"):
                 new, losses = credibility_split(model, data, p, eng, split_gen)
             ep = f"_ep{epoch + 1}"
-            extra[f"split_threshold{ep}"] = losses[new].max().item()
+            n_cut = max(int(p.split.epsilon * len(losses)), 1)  # the global cut's largest SCE
+            extra[f"split_threshold{ep}"] = losses.sort().values[n_cut - 1].item()
             share = torch.stack([new[data.y == c].float().mean()
                                  for c in range(data.num_classes)]).nan_to_num(1.0)
             extra[f"split_min_class_share{ep}"] = share.min().item()

@@ -213,6 +213,7 @@ def test_class_floor_gives_a_starved_class_its_lowest_loss_labels():
     confident = y < 2  # the head fits classes 0 and 1 (one sample aside) and one of class 3
     confident[(y == 1).nonzero()[-1]] = False
     confident[(y == 3).nonzero()[3]] = True
+    confident[(y == 2).nonzero()[-1]] = True  # ties with the fitted ones, past the global cut
     value = torch.where(confident, 50 * y + 5, torch.full((n,), 250))
     x = value.view(n, 1, 1, 1).expand(n, 1, 8, 8).to(torch.uint8).contiguous()
     data = ImageSet(x=x, y=y, num_classes=4, mean=(0.5,), std=(0.25,), hflip=True, name="toy")
@@ -223,7 +224,8 @@ def test_class_floor_gives_a_starved_class_its_lowest_loss_labels():
         p = replace(p, linear=replace(p.linear, normalize=False))
         labelled, _ = credibility_split(Oracle(), data, p, eng, torch.Generator())
         assert [int(labelled[y == c].sum()) for c in range(4)] == per_class
-    assert labelled[(y == 3).nonzero()[3]]  # the floor takes a class's lowest-loss samples first
+        # the floor takes a class's lowest-loss samples first
+        assert labelled[(y == 2).nonzero()[-1]] == (floor > 0)
 
 
 @pytest.mark.parametrize("split", [SplitCfg(split_on="test"), SplitCfg(resplit="never"),
