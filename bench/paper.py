@@ -40,8 +40,8 @@ from bench.rows import atomic_write, latest_per_cell, load_rows
 
 MIN_ATTACK_ASR = 0.90
 MAX_DEFENDED_ASR = 0.05
-# Reduced runs train on 10k images for ~15 epochs: BA moves by about a point between seeds or
-# thread counts (DLP on WaNet: 0.851 with 1 thread, 0.860 with 2), so the BA claim allows the
+# Reduced runs train on 10k images for ~15 epochs: BA moves by one to two points between seeds
+# or thread counts (DLP on WaNet: 0.871 / 0.851 / 0.857 at seeds 0/1/2), so the BA claim allows the
 # paper's own gap plus 5 points, DBD's own bar at CPU scale.
 BA_MARGIN = 0.05
 REDUCED_RATE = 0.1  # the reduced claims are checked at 10% poisoning
@@ -89,8 +89,10 @@ EXPERIMENTS: dict[str, Experiment] = {
 _DBD_BA = ("the SCE linear head (5 epochs) fits the SimCLR features to about 68% (a logistic "
            "regression with clean labels reaches 0.86 on the same features), and the lowest-SCE "
            "half it labels holds no shirt (class 6) at any epoch (split_min_class_share_ep<k> = "
-           "0), so MixMatch learns that class from guesses only; training the head longer or "
-           "splitting per class lets the Blended samples into the labelled set (ASR 1.0)")
+           "0), so MixMatch learns that class from guesses only (with 5,000 random clean "
+           "samples as the labelled set instead, the same MixMatch stage reaches 0.873); training "
+           "the head longer or splitting per class lets the Blended samples into the labelled "
+           "set (ASR 1.0)")
 _ABL_ISO = ("5 isolation epochs on 10k images (a tenth of the official steps) isolate BadNets with "
             "precision 1.0 but recall 0.1 and no Blended sample; unlearning 1% then costs BA, "
             "mostly on the target class, before it removes the backdoor")
