@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.rows import atomic_write, latest_per_cell, load_rows
+from bench.rows import atomic_write, latest_per_cell, load_results
 
 MIN_ATTACK_ASR = 0.90
 MAX_DEFENDED_ASR = 0.05
@@ -146,12 +146,10 @@ def _mean(rows: pd.DataFrame, attack: str, defense: str, metric: str) -> float:
 
 
 def _ok_rows(results_dir: Path) -> pd.DataFrame:
-    """``ok`` rows from ``rows/`` (what a run writes), else from the committed ``runs.csv``."""
-    if not (results_dir / "rows").is_dir() and (results_dir / "runs.csv").is_file():
-        rows = pd.read_csv(results_dir / "runs.csv")
-    else:
-        rows = load_rows(results_dir)  # no folder at all: an empty table
-    return latest_per_cell(rows[rows.status == "ok"])[0]
+    """The newest row of each cell (row files, else the committed ``runs.csv`` line) if it is
+    ``ok``. A cell whose newest run failed counts as missing, not as its older ``ok`` row."""
+    newest = latest_per_cell(load_results(results_dir))[0]
+    return newest[newest.status == "ok"]
 
 
 def load_reference(ref_dir: Path, exp: Experiment) -> pd.DataFrame:

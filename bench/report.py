@@ -1,6 +1,7 @@
 """Leaderboards from result rows: ``python -m bench.report [RESULTS_DIR] [--out DIR]``.
 
-Reads ``<RESULTS_DIR>/rows/*.json`` (via ``bench.rows.load_rows``) and writes to ``--out``
+Reads the rows of ``<RESULTS_DIR>`` (``bench.rows.load_results``: the row files, and the lines of
+a committed ``runs.csv`` that no row file replaces) and writes to ``--out``
 (default ``<RESULTS_DIR>/report``): ``leaderboard.csv`` (mean/std/n over seeds per group, DER),
 ``leaderboard.md`` (attack × defense pivots), ``ba_vs_asr.png`` and ``stage_cost.png``.
 Only ``ok`` rows enter the statistics; failed runs are listed in a note.
@@ -32,7 +33,7 @@ from matplotlib.lines import Line2D
 from omegaconf import DictConfig
 
 from bench.errors import BenchError
-from bench.rows import atomic_write, latest_per_cell, load_rows
+from bench.rows import atomic_write, latest_per_cell, load_results
 
 log = logging.getLogger("bench")
 
@@ -100,7 +101,7 @@ def leaderboard(ok: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, attack, defense, poison_rate): ``<metric>_{mean,std,n}``.
 
     Args:
-        ok: successful rows (``status == "ok"``) as returned by ``load_rows``.
+        ok: successful rows (``status == "ok"``) as returned by ``load_results``.
     """
     if ok.empty:
         return pd.DataFrame(columns=CSV_COLUMNS)
@@ -251,7 +252,7 @@ def _stages(v: Any) -> dict[str, float]:
 def stage_cost(ok: pd.DataFrame, path: Path) -> Path:
     """Stacked horizontal bars of mean seconds per stage, one bar per (attack, defense)."""
     stages = pd.DataFrame(list(ok.stage_s.map(_stages)), index=ok.index).fillna(0.0)
-    # load_rows stores stage_s with sorted keys, so the run's order is lost: poison first,
+    # load_results stores stage_s with sorted keys, so the run's order is lost: poison first,
     # evaluate last, the defense's stages alphabetically in between
     rank = {"poison": "0", "evaluate": "2"}
     stages = stages[sorted(stages.columns, key=lambda c: rank.get(c, "1") + c)]
@@ -285,7 +286,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
                          "(default: runs)")
     out = Path(out_dir) if out_dir is not None else results_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(results_dir)
+    rows = load_results(results_dir)
     ok, failed = rows[rows.status == "ok"], rows[rows.status != "ok"]
     ok, superseded = latest_per_cell(ok)
     board = leaderboard(ok)

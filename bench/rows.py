@@ -2,7 +2,11 @@
 
 A row has fixed columns (identity, metrics, cost, outcome). ``collect`` is idempotent: it reads
 every row file under ``<results_dir>/rows`` and rewrites ``runs.csv`` atomically, so parallel jobs
-and interrupted sweeps never leave a half-written table.
+and interrupted sweeps never leave a half-written table. Row files are not committed, so a fresh
+clone of a results folder holds only its ``runs.csv``: ``load_results`` (what ``collect`` and the
+reports read) keeps every line of ``runs.csv`` whose run id has no readable row file, and a row
+file replaces the line of its run id. Results already written are never lost by running more jobs
+into the same folder; to drop a row, delete its file and its line.
 """
 
 from __future__ import annotations
@@ -96,11 +100,17 @@ def load_rows(results_dir: str | Path) -> pd.DataFrame:
     files = sorted((Path(results_dir) / "rows").glob("*.json"))
     rows = [r for r in map(read_row, files) if r is not None]
     df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
+    for c in ("stage_s", "extra"):
+        if c in df:
+            df[c] = df[c].map(lambda v: json.dumps(v) if isinstance(v, dict) else v)
+    return _tidy(df)
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """The fixed columns first (missing ones empty), then any others sorted; rows in cell order."""
     for c in COLUMNS:
         if c not in df:
             df[c] = None
-    for c in ("stage_s", "extra"):
-        df[c] = df[c].map(lambda v: json.dumps(v) if isinstance(v, dict) else v)
     df = df[COLUMNS + sorted(set(df.columns) - set(COLUMNS))]
     keys = ["dataset", "model", "attack", "defense", "poison_rate", "seed", "run_id"]
     return df.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
@@ -121,9 +131,48 @@ def latest_per_cell(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return newest_last[~old].sort_index(), newest_last[old].sort_index()
 
 
+# pandas 3 parses floats exactly by default and deprecates the option pandas 2 needs for it
+_EXACT_FLOATS = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+
+
+def _csv_rows(path: Path) -> pd.DataFrame | None:
+    """The rows of an existing ``runs.csv``, floats read back exactly, or None when absent.
+
+    An unreadable file (not a CSV, no ``run_id`` column) is renamed to ``runs.csv.unreadable``
+    with a warning, so the rebuilt table never overwrites the only copy of what it held."""
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path, **_EXACT_FLOATS)
+        if "run_id" not in df.columns:
+            raise ValueError("no run_id column")
+        return df
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        aside = path.with_name(path.name + ".unreadable")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        log.warning("%s is unreadable (%s: %s); kept as %s and rebuilt from the row files",
+                    path, type(e).__name__, e, aside.name)
+        return None
+
+
+def load_results(results_dir: str | Path) -> pd.DataFrame:
+    """Every row of a results folder: the row files, plus the lines of ``runs.csv`` whose run id
+    has no readable row file (a fresh clone of committed results has only ``runs.csv``)."""
+    rows = load_rows(results_dir)
+    old = _csv_rows(Path(results_dir) / "runs.csv")
+    if old is None or old.empty:
+        return rows
+    old = old[~old.run_id.isin(set(rows.run_id))]
+    if old.empty:
+        return rows
+    return _tidy(pd.concat([rows, old], ignore_index=True) if len(rows) else old)
+
+
 def collect(results_dir: str | Path) -> Path:
-    """Rebuild ``<results_dir>/runs.csv`` from all row files; returns its path."""
+    """Rebuild ``<results_dir>/runs.csv`` from ``load_results`` (the row files and the lines of
+    the previous ``runs.csv`` that no row file replaces); returns its path."""
     out = Path(results_dir) / "runs.csv"
     with file_lock(out):  # a job that read the folder earlier must not replace it last
-        atomic_write(out, load_rows(results_dir).to_csv(index=False))
+        atomic_write(out, load_results(results_dir).to_csv(index=False))
     return out

@@ -100,6 +100,31 @@ def test_committed_runs_csv_is_read_without_rows(setup: tuple[Path, Path]) -> No
     assert {k: v.value for k, v in after.items()} == {k: v.value for k, v in before.items()}
 
 
+def test_new_rows_merge_with_the_committed_runs_csv(setup: tuple[Path, Path]) -> None:
+    """In a fresh clone a rerun cell comes from its new row file, every other from runs.csv."""
+    results, ref = setup
+    collect(results / "fashion_mnist")
+    shutil.rmtree(results / "fashion_mnist" / "rows")
+    write_row(results / "fashion_mnist", {
+        "run_id": "blended-dbd-s0-newhash", "dataset": "fashion_mnist", "model": "cnn_small",
+        "attack": "blended", "defense": "dbd", "poison_rate": 0.1, "seed": 0, "ba": 0.86,
+        "asr": 0.01, "status": "ok", "timestamp": "2026-02-01T00:00:00+00:00"})
+    v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
+    assert v["removes", "blended", "dbd"].value == pytest.approx(0.01)
+    assert v["removes", "badnets", "dbd"].value == pytest.approx(0.02)
+
+
+def test_newest_failed_run_is_missing_not_its_older_ok_row(setup: tuple[Path, Path]) -> None:
+    results, ref = setup
+    write_row(results / "fashion_mnist", {
+        "run_id": "badnets-dbd-s0-newhash", "dataset": "fashion_mnist", "model": "cnn_small",
+        "attack": "badnets", "defense": "dbd", "poison_rate": 0.1, "seed": 0, "status": "failed",
+        "error": "boom", "timestamp": "2026-02-01T00:00:00+00:00"})
+    v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
+    assert v["removes", "badnets", "dbd"].status == "missing"
+    assert v["removes", "badnets", "dbd"].fails
+
+
 def test_markdown_side_by_side(setup: tuple[Path, Path]) -> None:
     results, ref = setup
     _rows(results / "paper" / "toy", {("badnets", "dbd", 0): (0.93, 0.005)})  # a full-scale row

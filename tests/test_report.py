@@ -21,7 +21,7 @@ from bench.report import (
     main,
     report,
 )
-from bench.rows import COLUMNS, write_row
+from bench.rows import COLUMNS, collect, write_row
 
 NAN = math.nan
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -174,3 +174,15 @@ def test_superseded_config_is_not_another_seed(tmp_path: Path) -> None:
     assert board.ba_n.tolist() == [1] and board.ba_mean.tolist() == [0.80]
     md = built["leaderboard.md"].read_text()
     assert "1 superseded row left out" in md and "- toy-cnn-badnets-abl-s0-oldhash" in md
+
+
+def test_fresh_clone_reports_the_committed_runs_csv(tmp_path: Path) -> None:
+    """Row files are not committed: the report of a clone reads runs.csv, plus any new rows."""
+    for seed, ba in ((0, 0.80), (1, 0.70)):
+        write_row(tmp_path, make_row("badnets", "none", seed, ba=ba, asr=1.0))
+    collect(tmp_path)
+    for f in (tmp_path / "rows").iterdir():
+        f.unlink()
+    write_row(tmp_path, make_row("badnets", "none", 2, ba=0.90, asr=1.0))
+    board = pd.read_csv(report(tmp_path)["leaderboard.csv"])
+    assert board.ba_n.tolist() == [3] and board.ba_mean.tolist() == pytest.approx([0.80])

@@ -50,3 +50,36 @@ def test_collect_is_idempotent(tiny_cfg):
     run_and_record(cfg)
     first = collect(cfg.results_dir).read_text()
     assert collect(cfg.results_dir).read_text() == first
+
+
+def test_collect_keeps_committed_lines_a_row_file_replaces_its_own(tmp_path):
+    """A fresh clone has runs.csv but no row files: new jobs add to it, never replace it."""
+    from bench.rows import write_row
+
+    def row(run_id, ba):
+        return {"run_id": run_id, "dataset": "d", "model": "m", "attack": "a", "defense": "x",
+                "poison_rate": 0.1, "seed": int(run_id[-1]), "ba": ba, "status": "ok",
+                "stage_s": {"train": 1.25}, "extra": {"k": 0.1 + 0.2}}
+
+    write_row(tmp_path, row("r0", 0.1 + 0.7))
+    write_row(tmp_path, row("r1", 0.5))
+    committed = collect(tmp_path).read_text()
+    for f in (tmp_path / "rows").iterdir():
+        f.unlink()  # the clone: row files are not committed
+    assert collect(tmp_path).read_text() == committed  # lines read back exactly
+    write_row(tmp_path, row("r1", 0.9))  # rerun of a committed job
+    write_row(tmp_path, row("r2", 0.7))  # a new job
+    df = pd.read_csv(collect(tmp_path)).set_index("run_id")
+    assert df.ba.to_dict() == {"r0": 0.1 + 0.7, "r1": 0.9, "r2": 0.7}
+    assert json.loads(df.stage_s["r0"]) == {"train": 1.25}
+
+
+def test_unreadable_runs_csv_is_kept_aside_not_overwritten(tmp_path, caplog):
+    from bench.rows import write_row
+
+    (tmp_path / "runs.csv").write_bytes(b"\x00garbage\n")
+    write_row(tmp_path, {"run_id": "r0", "seed": 0, "ba": 0.5, "status": "ok"})
+    df = pd.read_csv(collect(tmp_path))
+    assert df.run_id.tolist() == ["r0"]
+    assert (tmp_path / "runs.csv.unreadable").read_bytes() == b"\x00garbage\n"
+    assert "runs.csv.unreadable" in caplog.text
