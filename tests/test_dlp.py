@@ -20,6 +20,7 @@ from defenses.dlp import (
     active_unlearn,
     dlp,
     entropy_filter,
+    expand_suspects,
     select_labelled,
 )
 from defenses.selection import otsu, predictive_entropy
@@ -176,6 +177,30 @@ def test_labelled_selection_follows_budget_and_balance():
     assert ce[glob].max() <= ce[~glob & ~exclude].min()
 
 
+def test_expansion_adds_the_flagged_classs_samples_that_side_with_the_suspects():
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    trigger, clean0, other = torch.eye(d)[0], torch.eye(d)[1], torch.eye(d)[2]
+    y = torch.tensor([0] * 60 + [1] * 20)
+    poisoned = torch.zeros(80, dtype=torch.bool)
+    poisoned[:30] = True  # class 0's first 30 carry the trigger
+    feats = torch.randn(80, d, generator=g) * 0.3
+    feats[:30] += 2 * trigger + 0.5 * clean0  # poisoned: trigger plus a little class content
+    feats[30:60] += 2 * clean0
+    feats[60:70] += 2 * trigger  # class 1 samples that look like the trigger: never flagged
+    feats[70:] += 2 * other
+    suspects = torch.zeros(80, dtype=torch.bool)
+    suspects[:20] = True  # the entropy cut caught 20 of the 30
+    out = expand_suspects(feats, y, suspects)
+    assert torch.equal(out[:30], poisoned[:30])  # the 10 missed ones join, no clean one does
+    assert not out[30:].any() and torch.equal(suspects[:20], out[:20])
+    assert not suspects[20:30].any()  # the input mask is not modified
+    strict = expand_suspects(feats, y, suspects, margin=1.9)
+    assert torch.equal(strict, suspects)  # a margin beyond any cosine gap adds nothing
+    none = torch.zeros(80, dtype=torch.bool)
+    assert not expand_suspects(feats, y, none).any()  # nothing flagged: nothing to expand
+
+
 def test_defense_cannot_reach_ground_truth():
     assert list(inspect.signature(dlp).parameters) == ["data", "p", "ctx"]
     assert not {"y_true", "kind"} & set(ImageSet.__dataclass_fields__)
@@ -184,7 +209,8 @@ def test_defense_cannot_reach_ground_truth():
 @pytest.mark.parametrize("key,value", [("filter", {"mode": "nope"}), ("semi", {"budget": 1.5}),
                                        ("semi", {"budget_flagged": 0.0}),
                                        ("semi", {"rounds": 99}), ("filter", {"ratio": 0}),
-                                       ("filter", {"from_epoch": 0})])
+                                       ("filter", {"from_epoch": 0}),
+                                       ("filter", {"expand_margin": 2.0})])
 def test_bad_params_are_config_errors(key, value):
     from defenses.dlp import _check
 
@@ -208,6 +234,16 @@ def test_dlp_end_to_end_with_ablation_switches(tiny_cfg):
     assert {"filter_iso_precision", "filter_iso_recall", "semi_iso_precision"} <= set(ex)
     assert row["n_suspects"] == ex["n_filtered"] > 0  # the headline is the entropy filter
     assert ex["semi_n_labelled_r1"] < ex["semi_n_labelled_r2"]  # budget 0.5 -> 0.9
+    # every round's split is scored; the last round's is the "semi" entry
+    assert {"semi_r1_kept_poison", "semi_r2_kept_poison"} <= set(ex)
+    assert ex["semi_r2_kept_poison"] == ex["semi_kept_poison"]
+    assert ex["semi_r2_iso_recall"] == ex["semi_iso_recall"]
+    # the expansion only adds to the entropy cut, which is the whole filter without it
+    assert ex["entropy_iso_recall"] <= ex["filter_iso_recall"]
+    no_expand = run(tiny_cfg(*SMALL, "+ablation=dlp_no_expand"))
+    assert no_expand["defense"] == "dlp.no_expand" and "n_expanded" not in no_expand["extra"]
+    assert no_expand["n_suspects"] == row["n_suspects"] - ex["n_expanded"]
+    assert no_expand["iso_recall"] == ex["entropy_iso_recall"]
 
     assert row["defense"] == "dlp" and row["iso_precision"] == ex["filter_iso_precision"]
     assert ex["filter_epochs"] == 1  # from_epoch 2 of 2 supervised epochs
