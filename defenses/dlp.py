@@ -267,9 +267,10 @@ def features(model: nn.Module, x: torch.Tensor, eng: Engine, norm: bool,
 
 def expand_suspects(feats: torch.Tensor, y: torch.Tensor, suspects: torch.Tensor,
                     margin: float = 0.0) -> torch.Tensor:
-    """``suspects`` plus the samples of the suspects' (single) label class that are nearer, in
-    cosine, to the suspects' mean direction than to the mean direction of the class's
-    non-suspects, by more than ``margin``. Returns a new mask."""
+    """``suspects`` plus the samples of the suspects' label class (their most common one, should
+    ``mode: global`` flag several) that are nearer, in cosine, to the suspects' mean direction
+    than to the mean direction of the class's non-suspects, by more than ``margin``. Returns a
+    new mask."""
     out = suspects.clone()
     if not suspects.any():
         return out
