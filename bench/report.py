@@ -230,10 +230,14 @@ def ba_vs_asr(board: pd.DataFrame, path: Path) -> Path:
     att_handles = [Line2D([], [], ls="", marker=m, ms=9, color="0.35", label=a)
                    for a, m in markers.items()]
     if def_handles:
-        ax.add_artist(ax.legend(handles=def_handles, title="defense", loc="upper left",
-                                bbox_to_anchor=(1.02, 1.0)))
-        ax.legend(handles=att_handles, title="attack", loc="lower left",
-                  bbox_to_anchor=(1.02, 0.0))
+        # one legend with two headed sections: two legends placed apart overlap once they grow
+        def head(text: str) -> Line2D:
+            return Line2D([], [], ls="", marker="", label=text)
+
+        handles = [head("defense"), *def_handles, head(" "), head("attack"), *att_handles]
+        legend = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        for i in (0, len(def_handles) + 2):
+            legend.get_texts()[i].set_fontweight("bold")
     else:
         ax.text(0.5, 0.5, "no attacked runs", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()

@@ -92,6 +92,25 @@ def test_der_falls_back_to_none_group_mean() -> None:
     assert math.isnan(abl.ba_std) and abl.ba_n == 1
 
 
+def test_scatter_has_one_legend_with_both_sections(tmp_path: Path, monkeypatch) -> None:
+    import bench.report as rep
+    from matplotlib.legend import Legend
+
+    figs = []
+    monkeypatch.setattr(rep, "save_png", lambda fig, path: figs.append(fig) or path)
+    defenses = ["none", "abl", "dbd", "dlp", *(f"dlp.v{i}" for i in range(8))]
+    attacks = [f"attack{i}" for i in range(10)]
+    rows = [make_row(a, d, 0, ba=0.8, asr=0.5) for a in attacks for d in defenses]
+    rep.ba_vs_asr(leaderboard(pd.DataFrame(rows, columns=COLUMNS)), tmp_path / "x.png")
+    (fig,) = figs
+    # two long legends placed apart used to overlap; one legend cannot
+    (legend,) = [a for a in fig.axes[0].get_children() if isinstance(a, Legend)]
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == ["defense", *defenses, " ", "attack", *attacks]
+    bold = [t.get_text() for t in legend.get_texts() if t.get_fontweight() == "bold"]
+    assert bold == ["defense", "attack"]
+
+
 def test_fixed_defense_colours() -> None:
     colors = defense_colors(["zeta", "dlp", "alpha", "none"])
     assert colors["none"] == DEFENSE_COLORS["none"] and colors["dlp"] == DEFENSE_COLORS["dlp"]
