@@ -175,16 +175,18 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, eng: Engine, batch_size: int = 1024,
-            normalize: bool | None = None) -> torch.Tensor:
-    """Logits (float32, on ``eng.device``) for uint8 ``x``, model in eval mode, no augmentation.
+            normalize: bool | None = None, features: bool = False) -> torch.Tensor:
+    """Logits (float32, on ``eng.device``) for uint8 ``x``, model in eval mode, no augmentation;
+    with ``features``, the pooled backbone features (``model.features``) instead.
 
     ``normalize`` overrides the engine's input normalisation (a model trained without it must be
     evaluated without it)."""
     model.eval()
+    fn = model.features if features else model
     outs = []
     for i in range(0, len(x), batch_size):
         with eng.autocast():
-            outs.append(model(eng.prep(x[i : i + batch_size], normalize)).float())
+            outs.append(fn(eng.prep(x[i : i + batch_size], normalize)).float())
     if not outs:
         return torch.zeros((0, 0), device=eng.device)
     return torch.cat(outs)

@@ -26,9 +26,8 @@ Stages (each a timed stage):
    last round); unlabelled = the rest. The split is re-selected with the
    current model at the start of each of ``rounds`` equal rounds ("active"). Each round's
    unlabelled set is reported as ``"semi_r<k>"`` (so the row holds ``semi_r<k>_kept_poison``,
-   the poisoned share of that round's labelled set), the last one also as ``"semi"``; the
-   row's headline ``iso_precision``/``iso_recall``
-   score the entropy filter.
+   the poisoned share of that round's labelled set), the last one also as ``"semi"``. The
+   row's headline ``iso_precision``/``iso_recall`` score the filter's suspects (``"filter"``).
 
 Ours (not in the paper):
 - ``filter.mode: dominant_class`` (default): the backdoor has one target, so the filter looks for
@@ -253,18 +252,6 @@ def entropy_filter(entropy: torch.Tensor, y: torch.Tensor, num_classes: int, cfg
     return mask, info
 
 
-@torch.no_grad()
-def features(model: nn.Module, x: torch.Tensor, eng: Engine, norm: bool,
-             batch_size: int = 1024) -> torch.Tensor:
-    """``model.features`` of every sample (eval mode, un-augmented), float32 ``[N, d]``."""
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch_size):
-        with eng.autocast():
-            out.append(model.features(eng.prep(x[i : i + batch_size], norm)).float())
-    return torch.cat(out)
-
-
 def expand_suspects(feats: torch.Tensor, y: torch.Tensor, suspects: torch.Tensor,
                     margin: float = 0.0) -> torch.Tensor:
     """``suspects`` plus the samples of the suspects' label class (their most common one, should
@@ -395,8 +382,8 @@ def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
             suspects = torch.zeros_like(suspects)
         by_entropy = suspects
         if p.filter.expand and suspects.any():
-            suspects = expand_suspects(features(model, data.x, eng, norm), data.y, suspects,
-                                       p.filter.expand_margin)
+            feats = predict(model, data.x, eng, normalize=norm, features=True)
+            suspects = expand_suspects(feats, data.y, suspects, p.filter.expand_margin)
             extra["n_expanded"] = float((suspects & ~by_entropy).sum())
         extra |= info | {"n_filtered": float(suspects.sum())}
         log.info("dlp filter: %d suspects (class %d, separability %.3f)", int(suspects.sum()),

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from matplotlib.legend import Legend
 from omegaconf import OmegaConf
 
 from bench.report import (
     DEFENSE_COLORS,
     FALLBACK_COLORS,
     ReportCallback,
+    ba_vs_asr,
     defense_colors,
     leaderboard,
     main,
@@ -93,15 +95,12 @@ def test_der_falls_back_to_none_group_mean() -> None:
 
 
 def test_scatter_has_one_legend_with_both_sections(tmp_path: Path, monkeypatch) -> None:
-    import bench.report as rep
-    from matplotlib.legend import Legend
-
     figs = []
-    monkeypatch.setattr(rep, "save_png", lambda fig, path: figs.append(fig) or path)
+    monkeypatch.setattr("bench.report.save_png", lambda fig, path: figs.append(fig) or path)
     defenses = ["none", "abl", "dbd", "dlp", *(f"dlp.v{i}" for i in range(8))]
     attacks = [f"attack{i}" for i in range(10)]
     rows = [make_row(a, d, 0, ba=0.8, asr=0.5) for a in attacks for d in defenses]
-    rep.ba_vs_asr(leaderboard(pd.DataFrame(rows, columns=COLUMNS)), tmp_path / "x.png")
+    ba_vs_asr(leaderboard(pd.DataFrame(rows, columns=COLUMNS)), tmp_path / "x.png")
     (fig,) = figs
     # two long legends placed apart used to overlap; one legend cannot
     (legend,) = [a for a in fig.axes[0].get_children() if isinstance(a, Legend)]
