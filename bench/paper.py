@@ -109,10 +109,6 @@ KNOWN_GAPS: dict[tuple[str, str, str, str], str] = {
     ("abl_cifar10", "keeps_ba", "badnets", "abl"): _ABL_ISO,
     ("abl_cifar10", "removes", "blended", "abl"): _ABL_ISO,
     ("abl_cifar10", "keeps_ba", "blended", "abl"): _ABL_ISO,
-    ("backdoorbench_cifar10", "removes", "wanet", "dlp"): (
-        "after 8 supervised epochs WaNet's poisoned samples are not low-entropy (median log10 "
-        "entropy -0.64 against -0.34 for clean target-class samples, no class splits), so the "
-        "filter flags nothing and only MixMatch acts on the backdoor"),
 }
 
 

@@ -1,7 +1,9 @@
 """Sample selection shared by the defenses (ABL's isolation, DBD's credibility split, DLP's
-entropy filter)."""
+entropy and late-learning filters)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -38,3 +40,23 @@ def otsu(values: torch.Tensor) -> tuple[float, float]:
     between[v[:-1] == v[1:]] = -1  # a cut must fall between distinct values
     i = int(between.argmax())
     return v[i].item(), (between[i] / v.var(unbiased=False)).item()
+
+
+def knn_label_agreement(feats: torch.Tensor, y: torch.Tensor, k: int = 20,
+                        chunk: int = 2048) -> torch.Tensor:
+    """Per sample, the share of its ``k`` nearest neighbours (cosine similarity of ``feats``
+    ``[N, D]``, the sample itself excluded) whose label ``y`` equals its own: float32 ``[N]``
+    in [0, 1]. Computed ``chunk`` rows at a time, so memory is ``chunk × N``."""
+    n = len(feats)
+    k = min(k, n - 1)
+    if k < 1:
+        return torch.ones(n, device=feats.device)
+    z = torch.nn.functional.normalize(feats.float(), dim=1)
+    out = torch.empty(n, device=feats.device)
+    for i in range(0, n, chunk):
+        sim = z[i:i + chunk] @ z.T
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        sim[rows, rows + i] = -math.inf
+        nb = sim.topk(k, dim=1).indices
+        out[i:i + chunk] = (y[nb] == y[i:i + chunk, None]).float().mean(1)
+    return out

@@ -21,9 +21,10 @@ from defenses.dlp import (
     dlp,
     entropy_filter,
     expand_suspects,
+    late_filter,
     select_labelled,
 )
-from defenses.selection import otsu, predictive_entropy
+from defenses.selection import knn_label_agreement, otsu, predictive_entropy
 
 CPU = torch.device("cpu")
 
@@ -201,6 +202,41 @@ def test_expansion_adds_the_flagged_classs_samples_that_side_with_the_suspects()
     assert not expand_suspects(feats, y, none).any()  # nothing flagged: nothing to expand
 
 
+def test_knn_label_agreement_counts_same_label_neighbours():
+    feats = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.3, 1.0], [0.1, 1.0]])
+    y = torch.tensor([0, 0, 1, 0, 1])
+    # sample 3 (label 0) sits among label-1 samples; itself never counts as a neighbour
+    assert knn_label_agreement(feats, y, k=1).tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]
+    two = knn_label_agreement(feats, y, k=2, chunk=2)  # chunking gives the same answer
+    assert two.tolist() == [1.0, 1.0, 0.5, 0.0, 0.5]
+    assert torch.equal(two, knn_label_agreement(feats, y, k=2))
+
+
+def test_late_filter_flags_the_class_whose_samples_joined_their_label_late():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(500) % 5
+    early = 0.4 + 0.3 * torch.rand(500, generator=g)
+    last = early + 0.3 * torch.rand(500, generator=g) - 0.1  # ordinary drift, below late_rise
+    late = (y == 3).nonzero()[:40, 0]  # 40 of class 3's 100 sat among other labels early on
+    early[late] = 0.1 * torch.rand(40, generator=g)
+    last[late] = 0.9 + 0.1 * torch.rand(40, generator=g)  # and among their own label at the end
+    few = (y == 1).nonzero()[:8, 0]  # a few memorised samples elsewhere: 8% < 15%
+    early[few], last[few] = 0.0, 0.9
+    sus, info = late_filter(early, last, y, 5, FilterCfg())
+    assert info["late_class"] == 3 and info["late_share"] == pytest.approx(0.4)
+    assert torch.equal(sus.nonzero()[:, 0], late.sort().values)
+    capped, _ = late_filter(early, last, y, 5, FilterCfg(ratio=0.02))  # cap 10, largest rise
+    rise = last - early
+    assert int(capped.sum()) == 10 and rise[capped].min() >= rise[late].sort().values[-10]
+    # the direction matters: samples that *left* their label's neighbourhood are not flagged
+    backwards, info = late_filter(last, early, y, 5, FilterCfg())
+    assert not backwards.any() and info["late_class"] == -1
+    early[late] = last[late]
+    none, info = late_filter(early, last, y, 5, FilterCfg())
+    assert not none.any() and info["late_class"] == -1
+    assert info["late_share"] == pytest.approx(0.08)
+
+
 def test_defense_cannot_reach_ground_truth():
     assert list(inspect.signature(dlp).parameters) == ["data", "p", "ctx"]
     assert not {"y_true", "kind"} & set(ImageSet.__dataclass_fields__)
@@ -210,7 +246,11 @@ def test_defense_cannot_reach_ground_truth():
                                        ("semi", {"budget_flagged": 0.0}),
                                        ("semi", {"rounds": 99}), ("filter", {"ratio": 0}),
                                        ("filter", {"from_epoch": 0}),
-                                       ("filter", {"expand_margin": 2.0})])
+                                       ("filter", {"expand_margin": 2.0}),
+                                       ("filter", {"late_rise": 0.0}),
+                                       ("filter", {"late_rise": 1.0}),
+                                       ("filter", {"late_min_share": 1.0}),
+                                       ("filter", {"late_k": 0})])
 def test_bad_params_are_config_errors(key, value):
     from defenses.dlp import _check
 
@@ -261,6 +301,29 @@ def test_dlp_end_to_end_with_ablation_switches(tiny_cfg):
     assert "unlearn_steps" not in no_unlearn["extra"]
     no_filter = run(tiny_cfg(*SMALL, "+ablation=dlp_no_filter"))
     assert no_filter["n_suspects"] == 0 and "unlearn" not in no_filter["stage_s"]
+
+
+def test_dlp_falls_back_on_the_late_filter_when_no_class_is_separable(tiny_cfg):
+    # no class reaches separability 0.99, so the late filter (3 supervised epochs: early = 1-2)
+    # decides; thresholds low enough that the tiny model's drift flags a class
+    late = [*SMALL, "defense.params.supervised.epochs=3",
+            "defense.params.filter.min_separability=0.99",
+            "defense.params.filter.late_rise=0.01", "defense.params.filter.late_min_share=0.01"]
+    row = run(tiny_cfg(*late))
+    ex = row["extra"]
+    assert row["status"] == "ok" and ex["filter_separability"] < 0.99
+    assert ex["late_class"] >= 0 and ex["filter_class"] == ex["late_class"]
+    assert ex["entropy_iso_recall"] == 0  # the entropy cut flagged nothing
+    assert ex["late_iso_recall"] <= ex["filter_iso_recall"]  # the expansion only adds
+    assert row["n_suspects"] == ex["n_filtered"] > ex["n_expanded"]  # the late cut is not empty
+    assert row["iso_recall"] == ex["filter_iso_recall"] and "unlearn" in row["stage_s"]
+    off = run(tiny_cfg(*late, "+ablation=dlp_no_late"))
+    assert off["defense"] == "dlp.no_late" and off["n_suspects"] == 0
+    assert "late_share" not in off["extra"] and "late_iso_recall" not in off["extra"]
+    assert "unlearn" not in off["stage_s"]
+    assert off["extra"]["supervised_acc"] == ex["supervised_acc"]  # same supervised model
+    no_filter = run(tiny_cfg(*late, "+ablation=dlp_no_filter"))  # flags nothing, late or not
+    assert no_filter["n_suspects"] == 0 and "late_share" not in no_filter["extra"]
 
 
 def test_budget_grows_linearly_over_rounds():
