@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import subprocess
 import time
 from dataclasses import replace
@@ -44,6 +45,26 @@ def git_sha() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def hardware(device: torch.device) -> str:
+    """What computed the row: the GPU's name, or the CPU's vector ISA as PyTorch sees it plus
+    the bf16 extensions oneDNN uses (``avx512_bf16``, ``amx_bf16``) and any
+    ``ONEDNN_MAX_CPU_ISA`` cap. bf16 results differ between ISAs (e.g. AMX and AVX-512 machines
+    give different rows for the same config and seed), so a row says which one it came from."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    parts = [torch.backends.cpu.get_cpu_capability()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    parts += [fl for fl in ("avx512_bf16", "amx_bf16") if fl in flags]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return " ".join(parts) + (f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else "")
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -131,7 +152,8 @@ def run(cfg: RunConfig) -> dict:
                   f"{stage}_kept_poison": metrics.kept_poison_fraction(mask, ptrain.kind)}
     row |= {"wall_s": time.perf_counter() - start, "stage_s": timer.seconds,
             "peak_mem_mb": timer.peak_mem_mb, "device": str(device),
-            "threads": torch.get_num_threads(), "status": "ok", "error": None,
+            "hardware": hardware(device), "threads": torch.get_num_threads(), "status": "ok",
+            "error": None,
             "timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "extra": extra}
     return row
 

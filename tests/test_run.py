@@ -4,9 +4,10 @@ import json
 import math
 
 import pandas as pd
+import torch
 
 from bench.rows import COLUMNS, collect
-from bench.run import run, run_and_record
+from bench.run import hardware, run, run_and_record
 
 
 def test_run_learns_backdoor_and_row_has_schema(tiny_cfg):
@@ -16,6 +17,15 @@ def test_run_learns_backdoor_and_row_has_schema(tiny_cfg):
     assert row["n_poisoned"] == round(0.1 * 2000)
     assert set(COLUMNS) <= set(row)
     assert "train" in row["stage_s"] and row["wall_s"] > 0
+    assert row["hardware"].split()[0] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_hardware_names_the_isa_and_a_onednn_cap(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    plain = hardware(torch.device("cpu"))
+    assert plain.split()[0] == torch.backends.cpu.get_cpu_capability() and "(" not in plain
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert hardware(torch.device("cpu")) == f"{plain} (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)"
 
 
 def test_same_seed_identical_metrics_on_cpu(tiny_cfg):
