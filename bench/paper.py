@@ -41,8 +41,9 @@ from bench.rows import atomic_write, latest_per_cell, load_results
 MIN_ATTACK_ASR = 0.90
 MAX_DEFENDED_ASR = 0.05
 # Reduced runs train on 10k images for ~15 epochs: BA moves by one to two points between seeds
-# or thread counts (DLP on WaNet: 0.871 / 0.851 / 0.857 at seeds 0/1/2), so the BA claim allows the
-# paper's own gap plus 5 points, DBD's own bar at CPU scale.
+# or thread counts (DLP on BadNets: 0.875 / 0.871 / 0.8665 at seeds 0/1/2, without defense 0.8955
+# / 0.8875 / 0.8905), so the BA claim allows the paper's own gap plus 5 points, DBD's own bar at
+# CPU scale.
 BA_MARGIN = 0.05
 REDUCED_RATE = 0.1  # the reduced claims are checked at 10% poisoning
 REDUCED_SEEDS = (0,)  # on the reduced variants' seed; other seeds are shown, not checked
@@ -109,6 +110,13 @@ KNOWN_GAPS: dict[tuple[str, str, str, str], str] = {
     ("abl_cifar10", "keeps_ba", "badnets", "abl"): _ABL_ISO,
     ("abl_cifar10", "removes", "blended", "abl"): _ABL_ISO,
     ("abl_cifar10", "keeps_ba", "blended", "abl"): _ABL_ISO,
+    ("backdoorbench_cifar10", "removes", "wanet", "dlp"): (
+        "WaNet's poisoned samples are not low-entropy after 8 supervised epochs, so only the "
+        "late filter can flag them, and only once the warp is learned: on an AMX CPU (bf16) "
+        "the target class's late share at seed 0 is 0.231 and ASR ends at 0.012, but with "
+        "oneDNN capped at AVX512_CORE_BF16, the numerics of the committed rows, the share is "
+        "0.028 (only 32% of the poisoned samples predicted as the target after epoch 8), "
+        "nothing is flagged and the backdoor survives"),
 }
 
 
