@@ -466,7 +466,9 @@ def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
         cut = suspects
         by_entropy = cut if by_late is None else torch.zeros_like(cut)
         if p.filter.expand and suspects.any():
-            feats = predict(model, data.x, eng, normalize=norm, features=True)
+            feats = feats_at.get(p.supervised.epochs)  # the late filter kept the last epoch's
+            if feats is None:
+                feats = predict(model, data.x, eng, normalize=norm, features=True)
             suspects = expand_suspects(feats, data.y, suspects, p.filter.expand_margin)
             extra["n_expanded"] = float((suspects & ~cut).sum())
         extra |= info | {"n_filtered": float(suspects.sum())}
