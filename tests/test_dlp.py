@@ -18,13 +18,14 @@ from defenses.dlp import (
     FilterCfg,
     UnlearnCfg,
     active_unlearn,
+    disowned_filter,
     dlp,
     entropy_filter,
     expand_suspects,
     late_filter,
     select_labelled,
 )
-from defenses.selection import knn_label_agreement, otsu, predictive_entropy
+from defenses.selection import knn_label_agreement, knn_label_shares, otsu, predictive_entropy
 
 CPU = torch.device("cpu")
 
@@ -210,6 +211,40 @@ def test_knn_label_agreement_counts_same_label_neighbours():
     two = knn_label_agreement(feats, y, k=2, chunk=2)  # chunking gives the same answer
     assert two.tolist() == [1.0, 1.0, 0.5, 0.0, 0.5]
     assert torch.equal(two, knn_label_agreement(feats, y, k=2))
+    shares = knn_label_shares(feats, y, 3, k=2)  # every label's share; label 2 has no sample
+    assert shares.tolist() == [[1, 0, 0], [1, 0, 0], [0.5, 0.5, 0], [0, 1, 0], [0.5, 0.5, 0]]
+    assert torch.equal(shares.gather(1, y[:, None])[:, 0], two)
+
+
+def test_disowned_filter_flags_the_class_whose_samples_sat_among_another_label():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(500) % 5
+    own = 0.5 + 0.4 * torch.rand(500, generator=g)  # most neighbours share the label
+    early = torch.zeros(500, 5)
+    early[torch.arange(500), y] = own
+    early[torch.arange(500), (y + 1) % 5] = 1 - own  # the rest: one confusable class
+    planted = (y == 2).nonzero()[:30, 0]  # 30 of class 2's 100 look like their true class 4
+    early[planted] = 0.0
+    early[planted, 4] = torch.linspace(0.8, 1.0, 30)
+    early[planted, 2] = 1 - early[planted, 4]
+    mixed = (y == 1).nonzero()[:30, 0]  # neighbours spread over three other labels: not one
+    early[mixed] = torch.tensor([0.1, 0.0, 0.3, 0.3, 0.3])
+    few = (y == 3).nonzero()[:8, 0]  # a few confusable samples elsewhere: 8% < 12%
+    early[few] = torch.tensor([0.1, 0.0, 0.0, 0.0, 0.9])
+    sus, info = disowned_filter(early, y, FilterCfg())
+    assert info["disowned_class"] == 2 and info["disowned_share"] == pytest.approx(0.3)
+    assert torch.equal(sus.nonzero()[:, 0], planted.sort().values)
+    capped, _ = disowned_filter(early, y, FilterCfg(ratio=0.02))  # cap 10, most disowned first
+    assert torch.equal(capped.nonzero()[:, 0], planted[-10:].sort().values)
+    strict, info = disowned_filter(early, y, FilterCfg(disowned_agree=0.95,
+                                                       disowned_min_share=0.05))
+    n_strict = int((early[planted, 4] >= 0.95).sum())  # 8 of the 30
+    assert info["disowned_class"] == 2 and int(strict.sum()) == n_strict == 8
+    early[planted[:20]] = 0.0  # 20 of them back among their label: 10% < 12%, not flagged
+    early[planted[:20], 2], early[planted[:20], 4] = 0.9, 0.1
+    none, info = disowned_filter(early, y, FilterCfg())
+    assert not none.any() and info["disowned_class"] == -1
+    assert info["disowned_share"] == pytest.approx(0.1)
 
 
 def test_late_filter_flags_the_class_whose_samples_joined_their_label_late():
@@ -250,7 +285,11 @@ def test_defense_cannot_reach_ground_truth():
                                        ("filter", {"late_rise": 0.0}),
                                        ("filter", {"late_rise": 1.0}),
                                        ("filter", {"late_min_share": 1.0}),
-                                       ("filter", {"late_k": 0})])
+                                       ("filter", {"late_k": 0}),
+                                       ("filter", {"disowned_agree": 0.0}),
+                                       ("filter", {"disowned_agree": 1.5}),
+                                       ("filter", {"disowned_min_share": 0.0}),
+                                       ("filter", {"disowned_min_share": 1.0})])
 def test_bad_params_are_config_errors(key, value):
     from defenses.dlp import _check
 
@@ -320,10 +359,39 @@ def test_dlp_falls_back_on_the_late_filter_when_no_class_is_separable(tiny_cfg):
     off = run(tiny_cfg(*late, "+ablation=dlp_no_late"))
     assert off["defense"] == "dlp.no_late" and off["n_suspects"] == 0
     assert "late_share" not in off["extra"] and "late_iso_recall" not in off["extra"]
+    assert "disowned_share" not in off["extra"]  # the entropy filter alone
     assert "unlearn" not in off["stage_s"]
     assert off["extra"]["supervised_acc"] == ex["supervised_acc"]  # same supervised model
     no_filter = run(tiny_cfg(*late, "+ablation=dlp_no_filter"))  # flags nothing, late or not
     assert no_filter["n_suspects"] == 0 and "late_share" not in no_filter["extra"]
+
+
+def test_dlp_falls_back_on_the_disowned_filter_when_no_class_was_learned_late(tiny_cfg):
+    # neither the entropy (separability 0.99) nor the late filter (share 0.99) flags a class, so
+    # the disowned filter decides; thresholds low enough that the tiny model's early neighbours
+    # flag a class
+    disowned = [*SMALL, "defense.params.supervised.epochs=3",
+                "defense.params.filter.min_separability=0.99",
+                "defense.params.filter.late_min_share=0.99",
+                "defense.params.filter.disowned_agree=0.3",
+                "defense.params.filter.disowned_min_share=0.01"]
+    row = run(tiny_cfg(*disowned))
+    ex = row["extra"]
+    assert row["status"] == "ok" and ex["late_class"] == -1 and ex["late_iso_recall"] == 0
+    assert ex["disowned_class"] >= 0 and ex["filter_class"] == ex["disowned_class"]
+    assert ex["entropy_iso_recall"] == 0
+    assert ex["disowned_iso_recall"] <= ex["filter_iso_recall"]  # the expansion only adds
+    assert row["n_suspects"] == ex["n_filtered"] > ex["n_expanded"]  # the cut is not empty
+    assert "unlearn" in row["stage_s"]
+    off = run(tiny_cfg(*disowned, "+ablation=dlp_no_disowned"))
+    assert off["defense"] == "dlp.no_disowned" and off["n_suspects"] == 0
+    assert "disowned_share" not in off["extra"] and off["extra"]["late_class"] == -1
+    assert off["extra"]["supervised_acc"] == ex["supervised_acc"]  # same supervised model
+    # where the late filter flags a class, the disowned filter is not consulted
+    first = run(tiny_cfg(*disowned, "defense.params.filter.late_rise=0.01",
+                         "defense.params.filter.late_min_share=0.01"))
+    assert first["extra"]["late_class"] >= 0 and "disowned_share" not in first["extra"]
+    assert first["extra"]["filter_class"] == first["extra"]["late_class"]
 
 
 def test_budget_grows_linearly_over_rounds():
