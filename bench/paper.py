@@ -110,13 +110,6 @@ KNOWN_GAPS: dict[tuple[str, str, str, str], str] = {
     ("abl_cifar10", "keeps_ba", "badnets", "abl"): _ABL_ISO,
     ("abl_cifar10", "removes", "blended", "abl"): _ABL_ISO,
     ("abl_cifar10", "keeps_ba", "blended", "abl"): _ABL_ISO,
-    ("backdoorbench_cifar10", "removes", "wanet", "dlp"): (
-        "WaNet's poisoned samples are not low-entropy after 8 supervised epochs, so only the "
-        "late filter can flag them, and only once the warp is learned: on an AMX CPU (bf16) "
-        "the target class's late share at seed 0 is 0.231 and ASR ends at 0.012, but with "
-        "oneDNN capped at AVX512_CORE_BF16, the numerics of the committed rows, the share is "
-        "0.028 (only 32% of the poisoned samples predicted as the target after epoch 8), "
-        "nothing is flagged and the backdoor survives"),
 }
 
 

@@ -91,10 +91,11 @@ Ours (not in the paper):
   disowned samples contributes them, if that share reaches ``disowned_min_share``. Measured on
   the preset's supervised models (seed 0 unless stated): WaNet's target class 0.217 / 0.168 /
   0.124 at seeds 0 / 1 / 2 on an AMX CPU and 0.220 (seed 0) with oneDNN capped at
-  AVX512_CORE_BF16, where the late filter finds 0.056, precision 0.96–0.98; BPP's 0.267
-  (precision 0.98); a clean class at most 0.085 (the shirt class, in every run), in WaNet,
-  BadNets, Blended, BPP, Adaptive-Blend, Input-aware, SIG, LF (seed 1) and three runs without
-  attack.
+  AVX512_CORE_BF16, where the late filter finds 0.056, precision 0.96–0.98; BPP's 0.266–0.271
+  at seeds 0–2; Input-aware's 0.142 at seed 2 (0.036 at seed 0); a clean class at most 0.085
+  (the shirt class, in every run) in 18 supervised runs: WaNet (both numerics), BadNets,
+  Blended, BPP, Adaptive-Blend (seeds 0–2), Input-aware (seeds 0 and 2), SIG, LF (seed 1) and
+  three runs without attack.
 - Unlearning objective ``CE(clean) − CE(suspects)`` per step (``descend: false``: pure ascent),
   SGD, stopping as soon as the suspects' accuracy on their given labels is ≤ ``stop_acc``
   (checked after every step) or after ``max_epochs``. The clean batch comes from the
