@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def lowest_fraction(scores: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -42,29 +43,42 @@ def otsu(values: torch.Tensor) -> tuple[float, float]:
     return v[i].item(), (between[i] / v.var(unbiased=False)).item()
 
 
-def knn_label_shares(feats: torch.Tensor, y: torch.Tensor, num_classes: int, k: int = 20,
-                     chunk: int = 2048) -> torch.Tensor:
-    """Per sample, the share of its ``k`` nearest neighbours (cosine similarity of ``feats``
-    ``[N, D]``, the sample itself excluded) carrying each label: float32 ``[N, num_classes]``,
-    rows summing to 1. Computed ``chunk`` rows at a time, so memory is ``chunk × N``."""
-    n = len(feats)
-    k = min(k, n - 1)
-    if k < 1:
-        return torch.nn.functional.one_hot(y, num_classes).float()
-    z = torch.nn.functional.normalize(feats.float(), dim=1)
-    out = torch.empty(n, num_classes, device=feats.device)
-    for i in range(0, n, chunk):
+def _knn(feats: torch.Tensor, k: int, chunk: int):
+    """Yield ``(start, neighbours)`` per ``chunk`` rows: the indices ``[rows, k]`` of each row's
+    ``k`` nearest other rows of ``feats`` ``[N, D]`` by cosine similarity (itself excluded)."""
+    z = F.normalize(feats.float(), dim=1)
+    for i in range(0, len(z), chunk):
         sim = z[i:i + chunk] @ z.T
         rows = torch.arange(sim.shape[0], device=sim.device)
         sim[rows, rows + i] = -math.inf
-        nb = sim.topk(k, dim=1).indices
-        out[i:i + chunk] = torch.nn.functional.one_hot(y[nb], num_classes).float().mean(1)
-    return out
+        yield i, sim.topk(k, dim=1).indices
 
 
 def knn_label_agreement(feats: torch.Tensor, y: torch.Tensor, k: int = 20,
                         chunk: int = 2048) -> torch.Tensor:
-    """Per sample, the share of its ``k`` nearest neighbours (as ``knn_label_shares``) whose
-    label equals its own: float32 ``[N]`` in [0, 1]."""
-    shares = knn_label_shares(feats, y, int(y.max()) + 1 if len(y) else 1, k, chunk)
-    return shares.gather(1, y[:, None])[:, 0]
+    """Per sample, the share of its ``k`` nearest neighbours (cosine similarity of ``feats``
+    ``[N, D]``, the sample itself excluded) whose label ``y`` equals its own: float32 ``[N]``
+    in [0, 1]. Computed ``chunk`` rows at a time, so memory is ``chunk × N``."""
+    n = len(feats)
+    k = min(k, n - 1)
+    if k < 1:
+        return torch.ones(n, device=feats.device)
+    out = torch.empty(n, device=feats.device)
+    for i, nb in _knn(feats, k, chunk):
+        out[i:i + len(nb)] = (y[nb] == y[i:i + len(nb), None]).float().mean(1)
+    return out
+
+
+def knn_label_shares(feats: torch.Tensor, y: torch.Tensor, num_classes: int, k: int = 20,
+                     chunk: int = 2048) -> torch.Tensor:
+    """Per sample, the share of its ``k`` nearest neighbours (as ``knn_label_agreement``)
+    carrying each label in ``[0, num_classes)``: float32 ``[N, num_classes]``, rows summing to
+    1; the own-label column is ``knn_label_agreement``."""
+    n = len(feats)
+    k = min(k, n - 1)
+    if k < 1:
+        return F.one_hot(y.long(), num_classes).float().to(feats.device)
+    out = torch.zeros(n, num_classes, device=feats.device)
+    for i, nb in _knn(feats, k, chunk):
+        out[i:i + len(nb)] = F.one_hot(y[nb].long(), num_classes).float().mean(1)
+    return out
