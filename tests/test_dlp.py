@@ -380,7 +380,7 @@ def test_dlp_falls_back_on_the_disowned_filter_when_no_class_was_learned_late(ti
                 "defense.params.filter.min_separability=0.99",
                 "defense.params.filter.late_min_share=0.99",
                 "defense.params.filter.disowned_agree=0.5",
-                "defense.params.filter.disowned_min_share=0.01", "threads=1"]
+                "defense.params.filter.disowned_min_share=0.01"]
     row = run(tiny_cfg(*disowned))
     ex = row["extra"]
     assert row["status"] == "ok" and ex["late_class"] == -1 and ex["entropy_iso_recall"] == 0
