@@ -328,6 +328,25 @@ def entropy_filter(entropy: torch.Tensor, y: torch.Tensor, num_classes: int, cfg
     return mask, info
 
 
+def _flag_class(marked: torch.Tensor, score: torch.Tensor, y: torch.Tensor, num_classes: int,
+                min_share: float, cap: int, name: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """The class with the largest share of ``marked`` samples (a tie goes to the lowest class
+    index) contributes its marked samples, highest ``score`` first, at most ``cap``, if that
+    share reaches ``min_share``. Returns the mask and ``<name>_class`` (−1 if none) and
+    ``<name>_share``."""
+    share = torch.stack([marked[y == c].float().mean() if (y == c).any()
+                         else score.new_zeros(()) for c in range(num_classes)])
+    best = int(share.argmax())
+    info = {f"{name}_class": float(best), f"{name}_share": share[best].item()}
+    mask = torch.zeros_like(marked)
+    if info[f"{name}_share"] < min_share:
+        info[f"{name}_class"] = -1.0
+        return mask, info
+    cand = (marked & (y == best)).nonzero()[:, 0]
+    mask[cand[torch.argsort(-score[cand], stable=True)[:cap]]] = True
+    return mask, info
+
+
 def late_filter(early: torch.Tensor, last: torch.Tensor, y: torch.Tensor, num_classes: int,
                 cfg: FilterCfg) -> tuple[torch.Tensor, dict[str, float]]:
     """Suspect mask ``[N]`` from each sample's label agreement early in supervised training
@@ -337,18 +356,8 @@ def late_filter(early: torch.Tensor, last: torch.Tensor, y: torch.Tensor, num_cl
     share reaches ``late_min_share``, at most ``ratio``·N of them, largest rise first. Returns
     the mask and ``late_class`` (−1 if none) and ``late_share``."""
     rise = last - early
-    risen = rise > cfg.late_rise
-    share = torch.stack([risen[y == c].float().mean() if (y == c).any() else rise.new_zeros(())
-                         for c in range(num_classes)])
-    best = int(share.argmax())
-    info = {"late_class": float(best), "late_share": share[best].item()}
-    mask = torch.zeros_like(risen)
-    if info["late_share"] < cfg.late_min_share:
-        info["late_class"] = -1.0
-        return mask, info
-    cand = (risen & (y == best)).nonzero()[:, 0]
-    mask[cand[torch.argsort(-rise[cand], stable=True)[:int(cfg.ratio * len(rise))]]] = True
-    return mask, info
+    return _flag_class(rise > cfg.late_rise, rise, y, num_classes, cfg.late_min_share,
+                       int(cfg.ratio * len(y)), "late")
 
 
 def disowned_filter(early: torch.Tensor, y: torch.Tensor, cfg: FilterCfg
@@ -360,19 +369,8 @@ def disowned_filter(early: torch.Tensor, y: torch.Tensor, cfg: FilterCfg
     ``disowned_min_share``, at most ``ratio``·N of them, most disowned first. Returns the mask
     and ``disowned_class`` (−1 if none) and ``disowned_share``."""
     other = early.scatter(1, y[:, None], -1.0).max(1).values
-    out = other >= cfg.disowned_agree
-    num_classes = early.shape[1]
-    share = torch.stack([out[y == c].float().mean() if (y == c).any() else other.new_zeros(())
-                         for c in range(num_classes)])
-    best = int(share.argmax())  # a tie goes to the lowest class index
-    info = {"disowned_class": float(best), "disowned_share": share[best].item()}
-    mask = torch.zeros_like(out)
-    if info["disowned_share"] < cfg.disowned_min_share:
-        info["disowned_class"] = -1.0
-        return mask, info
-    cand = (out & (y == best)).nonzero()[:, 0]
-    mask[cand[torch.argsort(-other[cand], stable=True)[:int(cfg.ratio * len(y))]]] = True
-    return mask, info
+    return _flag_class(other >= cfg.disowned_agree, other, y, early.shape[1],
+                       cfg.disowned_min_share, int(cfg.ratio * len(y)), "disowned")
 
 
 def expand_suspects(feats: torch.Tensor, y: torch.Tensor, suspects: torch.Tensor,
