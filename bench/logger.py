@@ -20,8 +20,8 @@ from bench.errors import BenchError
 
 log = logging.getLogger("bench")
 EPOCH_MSG = "%s epoch %d/%d loss %.4f acc %.4f lr %.4g"  # the format string of bench.train.fit
-SUMMARY_KEYS = ("ba", "asr", "ra", "iso_precision", "iso_recall", "n_suspects", "n_poisoned",
-                "wall_s", "peak_mem_mb", "status", "error", "run_id", "config_hash")
+SUMMARY_KEYS = ("ba", "ba_nt", "asr", "ra", "iso_precision", "iso_recall", "n_suspects",
+                "n_poisoned", "wall_s", "peak_mem_mb", "status", "error", "run_id", "config_hash")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """Metric definitions (one place, unit-tested). All metrics are fractions in [0, 1].
 
 - BA: top-1 accuracy on the full clean test set.
+- BA_nt: top-1 accuracy on the clean test images outside the attack's target class (all-to-one
+  and clean-label attacks); the "clean accuracy" of ABL's code, whose test loader skips the
+  target class. Nothing is excluded for all-to-all or without attack (BA_nt = BA).
 - ASR: fraction of the triggered test set predicted as the attack target (all-to-one: only
   samples whose true label ≠ target, as BackdoorBench and the ABL/DBD repos do).
 - RA: accuracy w.r.t. the true labels on the same triggered samples.
@@ -21,6 +24,20 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     if len(y) == 0:
         return math.nan
     return (pred.cpu() == y.cpu()).sum().item() / len(y)
+
+
+def class_accuracies(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float]:
+    """Accuracy of each class ``0..num_classes-1`` (NaN for a class without test images)."""
+    pred, y = pred.cpu(), y.cpu()
+    return [accuracy(pred[y == c], y[y == c]) for c in range(num_classes)]
+
+
+def non_target_accuracy(pred: torch.Tensor, y: torch.Tensor, target: int | None) -> float:
+    """BA_nt: accuracy on the samples whose label is not ``target`` (all of them when None)."""
+    if target is None:
+        return accuracy(pred, y)
+    keep = y.cpu() != target
+    return accuracy(pred.cpu()[keep], y.cpu()[keep])
 
 
 def attack_success_rate(pred: torch.Tensor, target: torch.Tensor) -> float:

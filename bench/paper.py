@@ -22,7 +22,8 @@ reduced variants' seed; rows of other seeds are shown beside, not checked):
 - ``removes``: the defense brings ASR ≤ ``MAX_DEFENDED_ASR``.
 - ``keeps_ba``: BA(none) − BA(defense) ≤ max(0, the paper's own gap) + ``BA_MARGIN``; the
   paper's gap comes from its reference rows for the same attack (0 where it published no
-  no-defense BA).
+  no-defense BA). BA is the experiment's ``ba_metric``: ABL's code leaves the target class out
+  of its clean accuracy, so its table compares ``ba_nt``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class Experiment:
         attacks: attacks of the reduced variant whose claims are checked.
         defenses: the defenses the paper claims for (``none`` is implied).
         poison_rate: the reference rows' poison rate to compare with (None: any).
+        ba_metric: our column compared with the paper's clean accuracy: ``ba`` (the whole
+           clean test set) or ``ba_nt`` (without the target class, where the paper's code
+           measures it so). Both the side-by-side cells and the ``keeps_ba`` claim use it.
     """
 
     title: str
@@ -68,6 +72,7 @@ class Experiment:
     attacks: tuple[str, ...]
     defenses: tuple[str, ...]
     poison_rate: float | None = None
+    ba_metric: str = "ba"
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -78,7 +83,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "abl_cifar10": Experiment(
         "ABL (Li et al., NeurIPS 2021)", "abl",
         "CIFAR-10, WRN-16-1, 10% of all samples, target 0",
-        ("badnets", "blended"), ("abl",)),
+        ("badnets", "blended"), ("abl",), ba_metric="ba_nt"),
     "backdoorbench_cifar10": Experiment(
         "BackdoorBench leaderboard slice (DLP's claims checked here)", "backdoorbench",
         "CIFAR-10, PreAct-ResNet18, BackdoorBench's victim recipe",
@@ -186,7 +191,8 @@ def check(name: str, exp: Experiment, reduced: pd.DataFrame, ref: pd.DataFrame
             asr = _mean(reduced, a, d, "asr")
             out.append(_verdict(name, "removes", a, d, asr, asr <= MAX_DEFENDED_ASR,
                                 f"ASR ≤ {MAX_DEFENDED_ASR:.2f}"))
-            drop = _mean(reduced, a, "none", "ba") - _mean(reduced, a, d, "ba")
+            drop = (_mean(reduced, a, "none", exp.ba_metric)
+                    - _mean(reduced, a, d, exp.ba_metric))
             gap = paper_gap(ref, a, d)
             allowed = max(0.0, 0.0 if math.isnan(gap) else gap) + BA_MARGIN
             out.append(_verdict(name, "keeps_ba", a, d, drop, drop <= allowed + 1e-12,
@@ -198,14 +204,14 @@ def _pct(v: float) -> str:
     return "" if math.isnan(v) else f"{100 * v:.1f}"
 
 
-def _cell(rows: pd.DataFrame, attack: str, defense: str) -> str:
-    ba, asr = _mean(rows, attack, defense, "ba"), _mean(rows, attack, defense, "asr")
+def _cell(rows: pd.DataFrame, attack: str, defense: str, ba: str = "ba") -> str:
+    ba, asr = _mean(rows, attack, defense, ba), _mean(rows, attack, defense, "asr")
     return "" if math.isnan(ba) and math.isnan(asr) else f"{_pct(ba)} / {_pct(asr)}"
 
 
-def _seeds_cell(rows: pd.DataFrame, attack: str, defense: str) -> str:
+def _seeds_cell(rows: pd.DataFrame, attack: str, defense: str, ba: str = "ba") -> str:
     n = len(_cell_rows(rows, attack, defense))
-    return f"{_cell(rows, attack, defense)} (n = {n})" if n > 1 else ""
+    return f"{_cell(rows, attack, defense, ba)} (n = {n})" if n > 1 else ""
 
 
 def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
@@ -216,7 +222,10 @@ def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
              f"Paper setting: {exp.setting}. Full scale: `python -m bench experiment={name}`; "
              f"reduced (Fashion-MNIST, CPU scale): `python -m bench experiment={name}_reduced`; "
              f"this page: `python -m bench.paper check`.", "",
-             "BA / ASR (%). Paper: `results/reference/" + exp.source + ".csv`; full scale: empty "
+             "BA / ASR (%)" + (
+                 ", BA without the target class's test images, as the paper's code measures it "
+                 "(`ba_nt`)" if exp.ba_metric == "ba_nt" else "")
+             + ". Paper: `results/reference/" + exp.source + ".csv`; full scale: empty "
              "until run; reduced: seed " + ", ".join(map(str, REDUCED_SEEDS)) + " (what the "
              "claims are checked on), and the mean over every seed in the results dir where "
              "there is more than one.", "",
@@ -224,8 +233,9 @@ def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
              "seeds |", "|---|---|---|---|---|---|"]
     for a in attacks:
         for d in defenses:
-            cells = [_cell(ref, a, d), _cell(full, a, d), _cell(reduced, a, d),
-                     _seeds_cell(all_seeds, a, d)]
+            ours = exp.ba_metric
+            cells = [_cell(ref, a, d), _cell(full, a, d, ours), _cell(reduced, a, d, ours),
+                     _seeds_cell(all_seeds, a, d, ours)]
             if any(cells):
                 lines.append(f"| {a} | {d} | " + " | ".join(cells) + " |")
     cites = sorted(set(ref.get("citation", pd.Series(dtype=str)).dropna()))

@@ -38,13 +38,14 @@ from bench.rows import atomic_write, latest_per_cell, load_results
 log = logging.getLogger("bench")
 
 GROUP = ["dataset", "model", "attack", "defense", "poison_rate"]
-STATS = ["ba", "asr", "ra", "iso_precision", "iso_recall", "wall_s", "peak_mem_mb"]
+STATS = ["ba", "ba_nt", "asr", "ra", "iso_precision", "iso_recall", "wall_s", "peak_mem_mb"]
 CSV_COLUMNS = GROUP + [f"{m}_{s}" for m in [*STATS, "der"] for s in ("mean", "std", "n")]
 DEFENSE_COLORS = {"none": "#444444", "abl": "#1f77b4", "dbd": "#2ca02c", "dlp": "#d62728"}
 FALLBACK_COLORS = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 HEADER = """\
-- **BA**: top-1 accuracy on the full clean test set.
+- **BA**: top-1 accuracy on the full clean test set (BA_nt, in the CSV: without the target
+  class's test images, as ABL's code reports it).
 - **ASR**: fraction of triggered test samples (true label ≠ target) predicted as the target.
 - **RA**: accuracy w.r.t. the true labels on the same triggered samples.
 - **DER**: [max(0, ΔASR) − max(0, ΔBA) + 1] / 2 against `defense=none` (higher is better).

@@ -29,7 +29,7 @@ log = logging.getLogger("bench")
 
 IDENTITY = ["run_id", "dataset", "model", "attack", "defense", "poison_rate", "n_poisoned",
             "target", "label_mode", "seed", "config_hash", "git_sha", "version"]
-METRICS = ["ba", "asr", "ra", "iso_precision", "iso_recall", "n_suspects"]
+METRICS = ["ba", "ba_nt", "asr", "ra", "iso_precision", "iso_recall", "n_suspects"]
 COST = ["wall_s", "stage_s", "peak_mem_mb", "device", "hardware", "threads"]
 OUTCOME = ["status", "error", "timestamp", "extra"]
 COLUMNS = IDENTITY + METRICS + COST + OUTCOME

@@ -82,6 +82,12 @@ def identity(cfg: RunConfig) -> dict:
             "config_hash": config_hash(cfg), "git_sha": git_sha(), "version": bench.__version__}
 
 
+def excluded_target(cfg: RunConfig) -> int | None:
+    """The class BA_nt leaves out: the target of an all-to-one or clean-label attack."""
+    a = cfg.attack
+    return a.target if a is not None and a.label_mode != "all2all" else None
+
+
 def prepare(cfg: RunConfig) -> tuple[PoisonedTrain, ImageSet, TriggeredTest | None]:
     """Load the dataset and poison it (bad input raises ``BenchError`` before any training)."""
     d = cfg.dataset
@@ -104,9 +110,14 @@ def to_device(s: ImageSet, device: torch.device) -> ImageSet:
 
 
 def evaluate(model, test: ImageSet, triggered: TriggeredTest | None, eng: Engine,
-             normalize: bool | None = None) -> dict:
+             normalize: bool | None = None, target: int | None = None) -> dict:
+    """BA, BA_nt (without the class ``target``; see ``bench.metrics``), ASR, RA and, as
+    ``clean_acc_class``, the clean accuracy of every class."""
     pred = predict(model, test.x.to(eng.device), eng, normalize=normalize).argmax(1)
-    out = {"ba": metrics.accuracy(pred, test.y), "asr": math.nan, "ra": math.nan}
+    out = {"ba": metrics.accuracy(pred, test.y),
+           "ba_nt": metrics.non_target_accuracy(pred, test.y, target),
+           "asr": math.nan, "ra": math.nan,
+           "clean_acc_class": metrics.class_accuracies(pred, test.y, test.num_classes)}
     if triggered is not None:
         tpred = predict(model, triggered.x.to(eng.device), eng, normalize=normalize).argmax(1)
         out["asr"] = metrics.attack_success_rate(tpred, triggered.y)
@@ -137,7 +148,10 @@ def run(cfg: RunConfig) -> dict:
     ctx = DefenseContext(eng, cfg.train, make_model, cfg.seed, timer)
     result = DEFENSES.get(cfg.defense.name).obj(to_device(data, device), cfg.defense.params, ctx)
     with timer("evaluate"):
-        row = identity(cfg) | evaluate(result.model, test, triggered, eng, result.normalize)
+        scores = evaluate(result.model, test, triggered, eng, result.normalize,
+                          target=excluded_target(cfg))
+    per_class = scores.pop("clean_acc_class")
+    row = identity(cfg) | scores
     row["n_poisoned"] = ptrain.n_poisoned
     flagged = {k: v.cpu().bool() for k, v in result.suspects.items()}
     final = (flagged[result.headline] if result.headline  # else the last stage's suspects
@@ -145,7 +159,7 @@ def run(cfg: RunConfig) -> dict:
     row["iso_precision"], row["iso_recall"] = (metrics.isolation_quality(final, ptrain.kind)
                                                if final is not None else (math.nan, math.nan))
     row["n_suspects"] = int(final.sum()) if final is not None else None
-    extra = dict(result.extra)
+    extra = dict(result.extra) | {"clean_acc_class": per_class}
     for stage, mask in flagged.items():
         p, r = metrics.isolation_quality(mask, ptrain.kind)
         extra |= {f"{stage}_iso_precision": p, f"{stage}_iso_recall": r,

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from bench import metrics
@@ -42,3 +43,13 @@ def test_der_matches_definition():
     assert abs(metrics.der(0.90, 0.95, 0.88, 0.05) - 0.94) < 1e-9
     # a defense that raises BA and ASR: no credit, no penalty
     assert metrics.der(0.8, 0.5, 0.9, 0.6) == 0.5
+
+
+def test_non_target_and_per_class_accuracy():
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([1, 1, 1, 0, 2, 2])  # class 0 all wrong, class 1 half, class 2 right
+    assert metrics.non_target_accuracy(pred, y, 0) == pytest.approx(3 / 4)
+    assert metrics.non_target_accuracy(pred, y, 2) == pytest.approx(1 / 4)
+    assert metrics.non_target_accuracy(pred, y, None) == metrics.accuracy(pred, y) == 0.5
+    acc = metrics.class_accuracies(pred, y, 4)
+    assert acc[:3] == [0.0, 0.5, 1.0] and math.isnan(acc[3])  # class 3 has no test image

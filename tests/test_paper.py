@@ -136,6 +136,30 @@ def test_markdown_side_by_side(setup: tuple[Path, Path]) -> None:
     assert "Sources: Toy README" in md
 
 
+def test_ba_metric_compares_the_papers_own_clean_accuracy(setup: tuple[Path, Path],
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """An experiment whose paper leaves the target class out of its clean accuracy (ABL's code)
+    checks and shows ``ba_nt``; a row without that column is missing, not read as BA."""
+    results, ref = setup
+    nt = Experiment("Toy paper", "toy", "toy setting", ("badnets",), ("dbd",), ba_metric="ba_nt")
+    monkeypatch.setattr(paper, "EXPERIMENTS", {"toy": nt})
+    folder = results / "nt"
+    for (defense, ba, ba_nt) in (("none", 0.90, 0.91), ("dbd", 0.80, 0.90)):
+        write_row(folder, {"run_id": f"badnets-{defense}", "attack": "badnets",
+                           "defense": defense, "poison_rate": 0.1, "seed": 0, "ba": ba,
+                           "ba_nt": ba_nt, "asr": 0.01, "status": "ok", "error": None,
+                           "timestamp": "2026-01-01T00:00:00+00:00"})
+    v = _by(run_check(results / "paper", folder, results / "paper", ref))
+    assert v["keeps_ba", "badnets", "dbd"].value == pytest.approx(0.01)  # not 0.10 of ``ba``
+    assert v["keeps_ba", "badnets", "dbd"].status == "pass"
+    md = (results / "paper" / "toy.md").read_text()
+    assert "| badnets | dbd | 92.0 / 1.0 |  | 90.0 / 1.0 |  |" in md
+    assert "without the target class" in md
+    v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
+    assert v["keeps_ba", "badnets", "dbd"].status == "missing"  # those rows have no ba_nt
+
+
 def test_main_exit_codes(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     results, ref = setup
     assert main(["check", "--reduced", str(results / "fashion_mnist"), "--full",

@@ -4,10 +4,11 @@ import json
 import math
 
 import pandas as pd
+import pytest
 import torch
 
 from bench.rows import COLUMNS, collect
-from bench.run import hardware, run, run_and_record
+from bench.run import hardware, prepare, run, run_and_record
 
 
 def test_run_learns_backdoor_and_row_has_schema(tiny_cfg):
@@ -18,6 +19,20 @@ def test_run_learns_backdoor_and_row_has_schema(tiny_cfg):
     assert set(COLUMNS) <= set(row)
     assert "train" in row["stage_s"] and row["wall_s"] > 0
     assert row["hardware"].split()[0] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_row_reports_ba_without_the_target_class_and_per_class_accuracy(tiny_cfg):
+    """BA_nt leaves the all-to-one target's test images out; all-to-all excludes nothing."""
+    cfg = tiny_cfg("train.epochs=2")
+    row, test = run(cfg), prepare(cfg)[1]
+    acc = row["extra"]["clean_acc_class"]
+    n = torch.bincount(test.y, minlength=len(acc)).tolist()
+    t = row["target"]
+    assert row["ba"] == pytest.approx(sum(a * k for a, k in zip(acc, n, strict=True)) / sum(n))
+    others = [(a, k) for c, (a, k) in enumerate(zip(acc, n, strict=True)) if c != t]
+    assert row["ba_nt"] == pytest.approx(sum(a * k for a, k in others) / sum(k for _, k in others))
+    a2a = run(tiny_cfg("train.epochs=2", "attack.label_mode=all2all"))
+    assert a2a["ba_nt"] == a2a["ba"]
 
 
 def test_hardware_names_the_isa_and_a_onednn_cap(monkeypatch):
