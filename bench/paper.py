@@ -101,9 +101,11 @@ _DBD_BA = ("the SCE linear head (5 epochs) fits the SimCLR features to about 68%
            "set (ASR 1.0)")
 _ABL_ISO = ("isolation picks BadNets with precision 1.0 (recall 0.1) but its lowest 1% on Blended "
             "swings between precision 0.0 and 0.9 from epoch to epoch (easy clean samples reach "
-            "a loss below 1e-6 too); gradient ascent on the isolated 1% then costs BA at every "
-            "step before it removes the backdoor (BadNets: BA 0.765 at ASR 0.049 after 18 "
-            "unlearning epochs, against 0.881 before)")
+            "a loss below 1e-6 too), and unlearning an isolated set of clean trousers erases "
+            "that class (trouser accuracy 0.00 at Blended seed 0, BA_nt 0.516); on BadNets the "
+            "gradient ascent on the isolated 1% lowers ASR slowly and costs the target class "
+            "first (T-shirt accuracy 0.89 -> 0.41 at seed 0 after the official 4 epochs, ASR "
+            "0.737; BA 0.765 at ASR 0.049 after 18 epochs, against 0.881 before)")
 KNOWN_GAPS: dict[tuple[str, str, str, str], str] = {
     ("dbd_cifar10", "keeps_ba", "badnets", "dbd"): _DBD_BA,
     ("dbd_cifar10", "keeps_ba", "blended", "dbd"): _DBD_BA,
@@ -112,7 +114,6 @@ KNOWN_GAPS: dict[tuple[str, str, str, str], str] = {
         "ASR 0.055 at seed 0 with one thread per job, 0.038 in a two-thread run of the same "
         "config: at CPU scale DBD sits on the bar for Blended"),
     ("abl_cifar10", "removes", "badnets", "abl"): _ABL_ISO,
-    ("abl_cifar10", "keeps_ba", "badnets", "abl"): _ABL_ISO,
     ("abl_cifar10", "removes", "blended", "abl"): _ABL_ISO,
     ("abl_cifar10", "keeps_ba", "blended", "abl"): _ABL_ISO,
 }
