@@ -205,14 +205,14 @@ def _pct(v: float) -> str:
     return "" if math.isnan(v) else f"{100 * v:.1f}"
 
 
-def _cell(rows: pd.DataFrame, attack: str, defense: str, ba: str = "ba") -> str:
-    ba, asr = _mean(rows, attack, defense, ba), _mean(rows, attack, defense, "asr")
+def _cell(rows: pd.DataFrame, attack: str, defense: str, ba_col: str = "ba") -> str:
+    ba, asr = _mean(rows, attack, defense, ba_col), _mean(rows, attack, defense, "asr")
     return "" if math.isnan(ba) and math.isnan(asr) else f"{_pct(ba)} / {_pct(asr)}"
 
 
-def _seeds_cell(rows: pd.DataFrame, attack: str, defense: str, ba: str = "ba") -> str:
+def _seeds_cell(rows: pd.DataFrame, attack: str, defense: str, ba_col: str = "ba") -> str:
     n = len(_cell_rows(rows, attack, defense))
-    return f"{_cell(rows, attack, defense, ba)} (n = {n})" if n > 1 else ""
+    return f"{_cell(rows, attack, defense, ba_col)} (n = {n})" if n > 1 else ""
 
 
 def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
