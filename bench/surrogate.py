@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.augment import AugmentCfg
@@ -157,9 +158,38 @@ def cached_tensor(key_parts: Any, build_fn: Callable[[], Tensor], ctx: PrepareCo
         return t
 
 
+def pgd_adversary(eng: Engine, eps: float, steps: int, gen: torch.Generator
+                  ) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    """An L∞ PGD attack on prepared batches, for ``fit(adversary=...)`` (Madry et al. 2018).
+
+    ``eps`` is in pixel units ([0, 1]); the batch is in the engine's normalised space, so the
+    ball and the valid range are mapped through its mean/std. Uniform random start drawn from
+    ``gen``, ``steps`` signed-gradient steps of 2.5·eps/steps, the model in its current mode."""
+    mean, std = (eng.mean, eng.std) if eng.normalize else (0.0, 1.0)
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    rad = eps / std if isinstance(std, float) else eps / std.float()
+    step = rad * (2.5 / steps)
+
+    def attack(model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
+        x0 = xb.detach()
+        noise = torch.rand(x0.shape, generator=gen, device=x0.device).mul_(2).sub_(1)
+        delta = torch.clamp(x0 + noise * rad, lo, hi) - x0
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            with eng.autocast():
+                loss = F.cross_entropy(model(x0 + delta).float(), yb)
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = torch.clamp(delta.detach() + step * grad.sign(), -rad, rad)
+            delta = torch.clamp(x0 + delta, lo, hi) - x0
+        return (x0 + delta).detach()
+
+    return attack
+
+
 def surrogate(train: ImageSet, ctx: PrepareContext, *, model: str = "cnn_small",
-              width: float | None = None, epochs: int = 5, purpose: str) -> PixelModel:
-    """A clean classifier trained on ``train`` (uint8, clean labels), cached by content.
+              width: float | None = None, epochs: int = 5, purpose: str,
+              adv_eps: float = 0.0, adv_steps: int = 7) -> PixelModel:
+    """A classifier trained on ``train`` (uint8, clean labels), cached by content.
 
     Recipe (the default CPU recipe, shortened): SGD lr 0.05, momentum 0.9, Nesterov, wd 5e-4,
     batch 128, cosine to 0 over ``epochs``, random crop with 2 px padding, flips where the
@@ -173,14 +203,18 @@ def surrogate(train: ImageSet, ctx: PrepareContext, *, model: str = "cnn_small",
         epochs: training epochs.
         purpose: names the surrogate in its key and seeds (attacks that may share one, share
             the purpose).
+        adv_eps, adv_steps: > 0: PGD adversarial training (``pgd_adversary``; L∞ radius in
+            pixel units [0, 1], steps per batch), as the robust models label-consistent
+            poisoning is built on. 0: standard training.
 
     Returns:
         A ``PixelModel`` in eval mode on ``ctx.device``, parameters frozen (requires_grad False).
     """
     kwargs = {} if width is None else {"width": width}
     device = torch.device(ctx.device)
+    robust = [adv_eps, adv_steps] if adv_eps > 0 else []  # standard surrogates keep their keys
     key = cache_key(["surrogate", train.name, len(train), fingerprint(train), model, kwargs,
-                     epochs, ctx.seed, purpose, ctx.amp, device.type])
+                     epochs, ctx.seed, purpose, ctx.amp, device.type, *robust])
     path = _path(ctx, f"surrogate-{purpose}", key)
     with torch.random.fork_rng(devices=[]):  # same init whatever the global RNG state
         torch.manual_seed(derive_seed(ctx.seed, f"surrogate/{purpose}/init"))
@@ -199,14 +233,18 @@ def surrogate(train: ImageSet, ctx: PrepareContext, *, model: str = "cnn_small",
             except Exception as e:  # noqa: BLE001 — architecture/key mismatch: retrain
                 log.warning("cache %s does not fit %s (%s); rebuilding it", path, model, e)
         if not loaded:
-            log.info("training surrogate '%s' (%s, %d epochs) on %d clean images", purpose, model,
-                     epochs, len(train))
+            log.info("training surrogate '%s' (%s, %d epochs%s) on %d clean images", purpose,
+                     model, epochs, f", PGD-{adv_steps} eps {adv_eps:.4g}" if robust else "",
+                     len(train))
             cfg = TrainCfg(epochs=epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
                            nesterov=True, weight_decay=5e-4, schedule="cosine",
                            augment=AugmentCfg(crop_pad=2), normalize=True)
             gen = generator(ctx.seed, f"surrogate/{purpose}/data", device)
+            adv = (pgd_adversary(eng, adv_eps, adv_steps,
+                                 generator(ctx.seed, f"surrogate/{purpose}/adv", device))
+                   if robust else None)
             fit(net, train.x.to(device), train.y.to(device), cfg, eng, gen, hflip=train.hflip,
-                desc=f"surrogate {purpose}")
+                desc=f"surrogate {purpose}", adversary=adv)
             if path is not None:
                 state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
                 _save(path, {"key": key, "state_dict": state})

@@ -128,12 +128,16 @@ def batches(n: int, size: int, gen: torch.Generator | None, drop_last: bool = Fa
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: Engine,
         gen: torch.Generator, *, hflip: bool, loss_fn: LossFn | None = None,
         desc: str = "train", optimizer: torch.optim.Optimizer | None = None,
-        shuffle: bool = True, on_epoch: Callable[[int], None] | None = None) -> list[dict]:
+        shuffle: bool = True, on_epoch: Callable[[int], None] | None = None,
+        adversary: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        ) -> list[dict]:
     """Train ``model`` on uint8 ``x`` [N, C, H, W] and labels ``y`` [N] (both on ``eng.device``).
 
     ``gen`` drives data order (unless ``shuffle`` is False: in index order) and augmentation.
     Returns one dict per epoch (``epoch``, ``loss``, ``acc``, ``lr``). Raises ``DivergedError`` on a
     non-finite loss, naming the epoch. ``on_epoch(epoch)`` (1-based) is called after each epoch.
+    ``adversary(model, xb, yb)``, if given, replaces every prepared batch before the step
+    (adversarial training); the statistics then describe the replaced batches.
     """
     loss_fn = loss_fn or F.cross_entropy
     opt = optimizer or make_optimizer(model.parameters(), cfg)
@@ -151,6 +155,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: 
             for g, base in zip(opt.param_groups, base_lrs, strict=True):
                 g["lr"] = base * lr_factor(cfg, epoch + i / steps)
             xb = eng.prep(augment(x[idx], cfg.augment, gen, hflip), cfg.normalize)
+            if adversary is not None:
+                xb = adversary(model, xb, y[idx])
             with eng.autocast():
                 out = model(xb)
                 loss = loss_fn(out.float(), y[idx])

@@ -15,6 +15,7 @@ from attacks.lc import four_corner_trigger
 from attacks.lf import lowpass, lowpass_mask, project
 from attacks.trojan import optimise_patch, select_neurons
 from bench.data import load_dataset
+from bench.errors import ConfigError
 from bench.poison import POISONED, AttackSpec, PrepareContext, poison
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
@@ -122,6 +123,44 @@ def test_lc_apply_matches_rows_by_content(data, tmp_path):
     out = attack.apply(mixed)
     assert torch.equal(out[:6], straight[order])
     assert torch.equal(out[6:], attack.for_test().apply(train.x[:2]))  # unknown: trigger only
+
+
+def test_pgd_adversary_stays_in_the_pixel_ball_and_raises_the_loss():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    eng = S.Engine(torch.device("cpu"), [0.2, 0.4, 0.6], [0.5, 0.25, 0.2], amp=False,
+                   channels_last=False)
+    x = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    x[:, :, 0] = 0  # pixels at the bottom of the range can only move up
+    y = torch.randint(0, 4, (32,))
+    xb = eng.prep(x)
+    adv = S.pgd_adversary(eng, 8 / 255, 7, torch.Generator().manual_seed(0))(net, xb, y)
+    pix, pix0 = adv * eng.std + eng.mean, x.float() / 255  # back to pixel space
+    assert (pix - pix0).abs().max() <= 8 / 255 + 1e-5
+    assert pix.min() >= -1e-5 and pix.max() <= 1 + 1e-5 and (pix[:, :, 0] >= -1e-5).all()
+    ce = torch.nn.functional.cross_entropy
+    assert ce(net(adv), y) > ce(net(xb), y) + 0.05
+    assert not any(q.grad is not None for q in net.parameters())  # only the input is attacked
+
+
+def test_lc_robust_surrogate_is_adversarially_trained_and_keyed_apart(data, tmp_path,
+                                                                        monkeypatch):
+    seen = []
+    real_fit = S.fit
+
+    def spy(*a, adversary=None, **k):
+        seen.append(adversary)
+        return real_fit(*a, adversary=adversary, **k)
+
+    monkeypatch.setattr(S, "fit", spy)
+    plain, _ = run(data, "lc", tmp_path)
+    robust, _ = run(data, "lc", tmp_path, surrogate_adv_eps=8, surrogate_adv_steps=2)
+    assert seen[0] is None and callable(seen[1])
+    assert len(list(tmp_path.glob("surrogate-clean-*.pt"))) == 1
+    assert len(list(tmp_path.glob("surrogate-robust-*.pt"))) == 1
+    assert not torch.equal(plain.data.x, robust.data.x)
+    with pytest.raises(ConfigError, match="surrogate_adv_eps"):
+        run(data, "lc", None, surrogate_adv_eps=-1)
 
 
 def test_lc_reduced_amplitude_blends_corners():
