@@ -162,12 +162,13 @@ def pgd_adversary(eng: Engine, eps: float, steps: int, gen: torch.Generator
                   ) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
     """An L∞ PGD attack on prepared batches, for ``fit(adversary=...)`` (Madry et al. 2018).
 
-    ``eps`` is in pixel units ([0, 1]); the batch is in the engine's normalised space, so the
-    ball and the valid range are mapped through its mean/std. Uniform random start drawn from
-    ``gen``, ``steps`` signed-gradient steps of 2.5·eps/steps, the model in its current mode."""
-    mean, std = (eng.mean, eng.std) if eng.normalize else (0.0, 1.0)
-    lo, hi = (0 - mean) / std, (1 - mean) / std
-    rad = eps / std if isinstance(std, float) else eps / std.float()
+    ``eps`` is in pixel units ([0, 1]); batches are prepared as ``eng.prep`` does by default
+    (normalised when ``eng.normalize``), so the ball and the valid range are mapped through the
+    engine's mean/std. Uniform random start drawn from ``gen``, ``steps`` signed-gradient steps
+    of 2.5·eps/steps, the model in its current mode."""
+    mean = eng.mean if eng.normalize else torch.zeros_like(eng.mean)
+    std = eng.std if eng.normalize else torch.ones_like(eng.std)
+    lo, hi, rad = (0 - mean) / std, (1 - mean) / std, eps / std
     step = rad * (2.5 / steps)
 
     def attack(model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:

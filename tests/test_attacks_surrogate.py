@@ -125,17 +125,19 @@ def test_lc_apply_matches_rows_by_content(data, tmp_path):
     assert torch.equal(out[6:], attack.for_test().apply(train.x[:2]))  # unknown: trigger only
 
 
-def test_pgd_adversary_stays_in_the_pixel_ball_and_raises_the_loss():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_pgd_adversary_stays_in_the_pixel_ball_and_raises_the_loss(normalize):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
     eng = S.Engine(torch.device("cpu"), [0.2, 0.4, 0.6], [0.5, 0.25, 0.2], amp=False,
-                   channels_last=False)
+                   channels_last=False, normalize=normalize)
     x = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
     x[:, :, 0] = 0  # pixels at the bottom of the range can only move up
     y = torch.randint(0, 4, (32,))
     xb = eng.prep(x)
     adv = S.pgd_adversary(eng, 8 / 255, 7, torch.Generator().manual_seed(0))(net, xb, y)
-    pix, pix0 = adv * eng.std + eng.mean, x.float() / 255  # back to pixel space
+    pix = adv * eng.std + eng.mean if normalize else adv  # back to pixel space
+    pix0 = x.float() / 255
     assert (pix - pix0).abs().max() <= 8 / 255 + 1e-5
     assert pix.min() >= -1e-5 and pix.max() <= 1 + 1e-5 and (pix[:, :, 0] >= -1e-5).all()
     ce = torch.nn.functional.cross_entropy
