@@ -91,9 +91,19 @@ def read_row(path: Path) -> dict | None:
     try:
         row = json.loads(path.read_text())
         return row if isinstance(row, dict) and "run_id" in row else None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8
         log.warning("skipping unreadable row %s (%s); delete it to rerun that job", path, e)
         return None
+
+
+def ok_result_exists(results_dir: str | Path, run_id: str) -> bool:
+    """Whether an ``ok`` row of ``run_id`` is on record: its row file, or (no row file) its
+    ``runs.csv`` line."""
+    path = row_path(results_dir, run_id)
+    if path.exists() and (row := read_row(path)) is not None:
+        return row.get("status") == "ok"
+    old = _csv_rows(Path(results_dir) / "runs.csv")
+    return old is not None and bool(((old.run_id == run_id) & (old.status == "ok")).any())
 
 
 def load_rows(results_dir: str | Path) -> pd.DataFrame:
@@ -116,14 +126,15 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
 
 
-CELL = ["dataset", "model", "attack", "defense", "poison_rate", "seed"]
+CELL = ["dataset", "model", "attack", "target", "label_mode", "defense", "poison_rate", "seed"]
 
 
 def latest_per_cell(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(kept, superseded)``: the newest row of each (dataset, model, attack, defense, poison
-    rate, seed) cell and the older rows of the same cell. Two rows share a cell but not a run id
-    when the config hash changed in between (a new default, a new config key), so the older one
-    measured a config that no longer exists and must not count as another seed."""
+    """``(kept, superseded)``: the newest row of each (dataset, model, attack, target, label
+    mode, defense, poison rate, seed) cell and the older rows of the same cell. Two rows share a
+    cell but not a run id when the config hash changed in between (a new default, a new config
+    key), so the older one measured a config that no longer exists and must not count as another
+    seed. Rows that differ in target or label mode are different cells."""
     if rows.empty:
         return rows, rows
     newest_last = rows.sort_values("timestamp", kind="stable", na_position="first")
@@ -139,7 +150,8 @@ def _csv_rows(path: Path) -> pd.DataFrame | None:
     """The rows of an existing ``runs.csv``, floats read back exactly, or None when absent.
 
     An unreadable file (not a CSV, no ``run_id`` column) is renamed to ``runs.csv.unreadable``
-    with a warning, so the rebuilt table never overwrites the only copy of what it held."""
+    (``.unreadable.1``, ``.2``, … when that name is taken) with a warning, so the rebuilt table
+    never overwrites the only copy of what it held."""
     if not path.is_file():
         return None
     try:
@@ -149,6 +161,9 @@ def _csv_rows(path: Path) -> pd.DataFrame | None:
         return df
     except (OSError, ValueError, pd.errors.ParserError) as e:
         aside = path.with_name(path.name + ".unreadable")
+        n = 1
+        while aside.exists():  # an earlier unreadable copy is kept too
+            aside, n = path.with_name(f"{path.name}.unreadable.{n}"), n + 1
         with contextlib.suppress(OSError):
             os.replace(path, aside)
         log.warning("%s is unreadable (%s: %s); kept as %s and rebuilt from the row files",

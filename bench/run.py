@@ -21,7 +21,7 @@ from bench.errors import BenchError
 from bench.logger import make_logger, tracked
 from bench.models import create_model
 from bench.poison import PoisonedTrain, PrepareContext, TriggeredTest, clean, poison
-from bench.rows import read_row, row_path, write_row
+from bench.rows import ok_result_exists, read_row, row_path, write_row
 from bench.seeding import derive_seed
 from bench.stages import StageTimer
 from bench.train import Engine, predict
@@ -125,19 +125,34 @@ def evaluate(model, test: ImageSet, triggered: TriggeredTest | None, eng: Engine
     return out
 
 
+def deterministic_cuda(device: torch.device) -> None:
+    """On CUDA, ask for deterministic kernels (cuDNN without autotuning, deterministic cuBLAS
+    workspaces; a warning, not an error, where an op has no deterministic version), so that a
+    run repeats for a given config, seed and GPU. The CPU kernels are deterministic already and
+    are left as they are."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def run(cfg: RunConfig) -> dict:
     """Run one configuration end to end and return its row (not yet written)."""
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    deterministic_cuda(device)
     torch.manual_seed(cfg.seed)  # library code uses explicit generators; this pins the rest
     timer = StageTimer(device)
     with timer("poison"):
         ptrain, test, triggered = prepare(cfg)
     data = ptrain.data
     eng = Engine(device, data.mean, data.std, amp=cfg.amp, channels_last=cfg.channels_last,
-                 normalize=cfg.train.normalize, progress=cfg.progress)
+                 normalize=cfg.train.normalize, progress=cfg.progress,
+                 eval_batch_size=cfg.train.eval_batch_size)
 
     def make_model():
         with torch.random.fork_rng(devices=[]):  # same initial weights for every defense
@@ -197,6 +212,8 @@ def run_and_record(cfg: RunConfig) -> dict:
         row = identity(cfg) | {"status": "failed", "error": f"{type(e).__name__}: {e}",
                                "wall_s": time.perf_counter() - start,
                                "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}
+        if ok_result_exists(cfg.results_dir, row["run_id"]):
+            row["run_id"] += "-failed"  # a failed rerun (force=true) never replaces an ok row
     write_row(cfg.results_dir, row)
     track.finish(row)  # logger: after the row is safe
     return row

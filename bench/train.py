@@ -60,7 +60,10 @@ class Engine:
     """Device, precision and input preparation shared by every stage of a run."""
 
     def __init__(self, device: torch.device, mean, std, *, amp: bool, channels_last: bool,
-                 normalize: bool = True, progress: bool | None = None) -> None:
+                 normalize: bool = True, progress: bool | None = None,
+                 eval_batch_size: int = 1024) -> None:
+        if eval_batch_size < 1:
+            raise ConfigError(f"train.eval_batch_size must be >= 1 (got {eval_batch_size})")
         self.device = device
         self.amp = amp and (device.type == "cpu" or torch.cuda.is_bf16_supported())
         self.channels_last = channels_last
@@ -68,6 +71,7 @@ class Engine:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.normalize = normalize
+        self.eval_batch_size = eval_batch_size  # inference passes (predict, per_sample_loss)
 
     def prep(self, xb: torch.Tensor, normalize: bool | None = None) -> torch.Tensor:
         """uint8 ``[B, C, H, W]`` → float32 in [0, 1], optionally normalised, in model layout."""
@@ -135,10 +139,14 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: 
 
     ``gen`` drives data order (unless ``shuffle`` is False: in index order) and augmentation.
     Returns one dict per epoch (``epoch``, ``loss``, ``acc``, ``lr``). Raises ``DivergedError`` on a
-    non-finite loss, naming the epoch. ``on_epoch(epoch)`` (1-based) is called after each epoch.
+    non-finite loss, naming the epoch, and ``ConfigError`` on an empty set. ``on_epoch(epoch)``
+    (1-based) is called after each epoch.
     ``adversary(model, xb, yb)``, if given, replaces every prepared batch before the step
     (adversarial training); the statistics then describe the replaced batches.
     """
+    if len(x) == 0:
+        raise ConfigError(f"{desc}: no samples to train on; the ratio that selects this set is "
+                          "too small for the dataset size (raise it or use more data)")
     loss_fn = loss_fn or F.cross_entropy
     opt = optimizer or make_optimizer(model.parameters(), cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -180,15 +188,17 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCfg, eng: 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, eng: Engine, batch_size: int = 1024,
+def predict(model: nn.Module, x: torch.Tensor, eng: Engine, batch_size: int | None = None,
             normalize: bool | None = None, features: bool = False) -> torch.Tensor:
     """Logits (float32, on ``eng.device``) for uint8 ``x``, model in eval mode, no augmentation;
-    with ``features``, the pooled backbone features (``model.features``) instead.
+    with ``features``, the pooled backbone features (``model.features``) instead. Batches of
+    ``batch_size``, by default the engine's ``eval_batch_size`` (``train.eval_batch_size``).
 
     ``normalize`` overrides the engine's input normalisation (a model trained without it must be
     evaluated without it)."""
     model.eval()
     fn = model.features if features else model
+    batch_size = batch_size or eng.eval_batch_size
     outs = []
     for i in range(0, len(x), batch_size):
         with eng.autocast():
@@ -199,6 +209,6 @@ def predict(model: nn.Module, x: torch.Tensor, eng: Engine, batch_size: int = 10
 
 
 def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eng: Engine,
-                    batch_size: int = 1024, normalize: bool | None = None) -> torch.Tensor:
+                    batch_size: int | None = None, normalize: bool | None = None) -> torch.Tensor:
     """Cross-entropy of every sample, eval mode, un-augmented: float32 ``[N]``."""
     return F.cross_entropy(predict(model, x, eng, batch_size, normalize), y, reduction="none")

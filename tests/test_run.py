@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.rows import COLUMNS, collect
-from bench.run import hardware, prepare, run, run_and_record
+from bench.run import hardware, prepare, run, run_and_record, run_id
 
 
 def test_run_learns_backdoor_and_row_has_schema(tiny_cfg):
@@ -108,3 +108,103 @@ def test_unreadable_runs_csv_is_kept_aside_not_overwritten(tmp_path, caplog):
     assert df.run_id.tolist() == ["r0"]
     assert (tmp_path / "runs.csv.unreadable").read_bytes() == b"\x00garbage\n"
     assert "runs.csv.unreadable" in caplog.text
+
+
+def test_failed_rerun_never_replaces_the_ok_row(tiny_cfg, monkeypatch):
+    """force=true that crashes is recorded beside the ok row it reran, as ``<run_id>-failed``;
+    the ok row stays in its file and in runs.csv, also when only runs.csv holds it (a clone)."""
+    from bench.rows import load_results, row_path
+
+    cfg = tiny_cfg("train.epochs=1")
+    ok = run_and_record(cfg)
+    collect(cfg.results_dir)
+
+    def crash(c):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr("bench.run.run", crash)
+    forced = tiny_cfg("train.epochs=1", "force=true")
+    failed = run_and_record(forced)
+    assert failed["status"] == "failed" and failed["run_id"] == ok["run_id"] + "-failed"
+    df = pd.read_csv(collect(cfg.results_dir)).set_index("run_id")
+    assert df.status.to_dict() == {ok["run_id"]: "ok", failed["run_id"]: "failed"}
+    assert df.ba[ok["run_id"]] == ok["ba"]
+
+    row_path(cfg.results_dir, ok["run_id"]).unlink()  # a clone: the ok row is a runs.csv line
+    row_path(cfg.results_dir, failed["run_id"]).unlink()
+    run_and_record(forced)
+    rows = load_results(cfg.results_dir).set_index("run_id")
+    assert rows.status.to_dict() == {ok["run_id"]: "ok", failed["run_id"]: "failed"}
+
+    fresh = tiny_cfg("train.epochs=1", "seed=5")  # no ok row anywhere: the failure takes the id
+    assert run_and_record(fresh)["run_id"] == run_id(fresh)
+
+
+def test_unreadable_row_file_is_skipped(tmp_path, caplog):
+    """Bad JSON and bad UTF-8 alike: the row is skipped with a warning, collect goes on."""
+    from bench.rows import write_row
+
+    write_row(tmp_path, {"run_id": "r0", "seed": 0, "ba": 0.5, "status": "ok"})
+    (tmp_path / "rows" / "bad_json.json").write_text("{not json")
+    (tmp_path / "rows" / "bad_utf8.json").write_bytes(b"\xff\xfe\x00garbage")
+    df = pd.read_csv(collect(tmp_path))
+    assert df.run_id.tolist() == ["r0"]
+    assert "bad_utf8.json" in caplog.text and "bad_json.json" in caplog.text
+
+
+def test_a_second_unreadable_runs_csv_keeps_the_first_copy(tmp_path):
+    from bench.rows import write_row
+
+    write_row(tmp_path, {"run_id": "r0", "seed": 0, "ba": 0.5, "status": "ok"})
+    for i, junk in enumerate((b"\x00first\n", b"\x00second\n")):
+        (tmp_path / "runs.csv").write_bytes(junk)
+        assert pd.read_csv(collect(tmp_path)).run_id.tolist() == ["r0"], i
+    assert (tmp_path / "runs.csv.unreadable").read_bytes() == b"\x00first\n"
+    assert (tmp_path / "runs.csv.unreadable.1").read_bytes() == b"\x00second\n"
+
+
+def test_eval_batch_size_sets_the_inference_batches(tiny_cfg, monkeypatch):
+    """``train.eval_batch_size`` reaches every inference pass (it was once a dead key)."""
+    import bench.run as R
+
+    seen = []
+    real = R.predict
+
+    def spy(model, x, eng, *a, **k):
+        seen.append(eng.eval_batch_size)
+        return real(model, x, eng, *a, **k)
+
+    monkeypatch.setattr(R, "predict", spy)
+    row = run(tiny_cfg("train.epochs=1", "train.eval_batch_size=7"))
+    assert seen and set(seen) == {7}
+    assert row["ba"] == run(tiny_cfg("train.epochs=1"))["ba"]  # same model, other batching
+
+
+def test_deterministic_cuda_only_touches_cuda(monkeypatch):
+    from bench.run import deterministic_cuda
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    deterministic_cuda(torch.device("cpu"))
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms",
+                        lambda on, warn_only=False: calls.append((on, warn_only)))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    deterministic_cuda(torch.device("cuda"))
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert calls == [(True, True)] and __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"]
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+
+
+def test_training_on_an_empty_set_is_a_config_error():
+    from bench.errors import ConfigError
+    from bench.models import create_model
+    from bench.train import Engine, TrainCfg, fit
+
+    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=False)
+    model = create_model("cnn_small", 4, 1)
+    empty = torch.zeros((0, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(ConfigError, match="unlearn: no samples to train on"):
+        fit(model, empty, torch.zeros(0, dtype=torch.long), TrainCfg(epochs=1), eng,
+            torch.Generator(), hflip=False, desc="unlearn")
