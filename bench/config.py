@@ -28,7 +28,8 @@ class DatasetCfg:
     image_size: resize target for datasets with varying image sizes (gtsrb).
     synthetic: parameters of the ``synthetic`` set.
     limit_train, limit_test: keep only the first N samples (quick runs and tests; the loaders
-        keep a mixed class order, so a prefix is roughly balanced). None keeps all.
+        return a mixed class order, GTSRB's and Tiny ImageNet's class-sorted training folders in
+        a fixed shuffle, so a prefix is roughly balanced). None keeps all.
     """
 
     name: str = "fashion_mnist"

@@ -268,20 +268,30 @@ def _pil_stack(items: Sequence[tuple[Any, int]], size: int) -> tuple[torch.Tenso
 
 
 def _cached(name: str, path: Path, size: int, num_classes: int,
-            build: Callable[[], dict[str, Any]]) -> tuple[ImageSet, ImageSet]:
-    """Loads the tensor cache at ``path``, rebuilding (and atomically saving) it if absent/bad."""
+            build: Callable[[], dict[str, Any]], mix_train: bool = False
+            ) -> tuple[ImageSet, ImageSet]:
+    """Loads the tensor cache at ``path``, rebuilding (and atomically saving) it if absent/bad.
+
+    ``mix_train``: the raw training split is sorted by class (one folder per class), so it is
+    returned in a fixed mixed order (a permutation seeded 0, the same on every run): a prefix
+    (``dataset.limit_train``) then holds every class, and poisoning by index draws from all."""
     blob = _load_cache(path, size)
     if blob is None:
         blob = build()
+        tmp = None
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 torch.save(blob, f)
             os.replace(tmp, path)
-        except OSError as e:  # read-only data folder: keep going without a cache
+        except (OSError, RuntimeError) as e:  # read-only folder, full disk: go on without it
             log.warning("could not write cache %s (%s)", path, _short(e))
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
     train, test = (_make(name, blob[f"x_{s}"], blob[f"y_{s}"], num_classes, blob["classes"])
                    for s in ("train", "test"))
+    if mix_train:
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0)))
     return train, test
 
 
@@ -317,7 +327,7 @@ def _gtsrb(root: Path, download: bool, size: int) -> tuple[ImageSet, ImageSet]:
             blob[f"x_{split}"], blob[f"y_{split}"] = _pil_stack(ds, size)  # ds[i]: (PIL, int)
         return blob
 
-    return _cached("gtsrb", root / "gtsrb" / f"cache_{size}.pt", size, 43, build)
+    return _cached("gtsrb", root / "gtsrb" / f"cache_{size}.pt", size, 43, build, mix_train=True)
 
 
 def _tiny_imagenet(root: Path, size: int) -> tuple[ImageSet, ImageSet]:
@@ -340,7 +350,8 @@ def _tiny_imagenet(root: Path, size: int) -> tuple[ImageSet, ImageSet]:
         blob["x_test"], blob["y_test"] = _pil_stack(test, size)
         return blob
 
-    return _cached("tiny_imagenet", base / f"cache_{size}.pt", size, 200, build)
+    return _cached("tiny_imagenet", base / f"cache_{size}.pt", size, 200, build,
+                   mix_train=True)
 
 
 def _synthetic(params: dict) -> tuple[ImageSet, ImageSet]:

@@ -215,8 +215,13 @@ def test_gtsrb_loader_and_cache(tmp_path):
     write_gtsrb(tmp_path)
     train, test = load_dataset("gtsrb", data_root=str(tmp_path))
     assert train.x.shape == (6, 3, 32, 32) and test.x.shape == (2, 3, 32, 32)
-    assert train.y.tolist() == [0, 0, 1, 1, 2, 2] and test.y.tolist() == [2, 0]
-    assert train.x[2, :, 5, 5].tolist() == [40, 215, 7]  # solid colour survives the resize
+    # The class-sorted folders come back in a fixed mixed order, so a prefix holds every class.
+    mixed = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    by_class = [0, 0, 1, 1, 2, 2]
+    assert train.y.tolist() == torch.tensor(by_class)[mixed].tolist() != by_class
+    assert test.y.tolist() == [2, 0]
+    first_of_class_1 = mixed.tolist().index(2)
+    assert train.x[first_of_class_1, :, 5, 5].tolist() == [40, 215, 7]  # colour survives resize
     assert (train.num_classes, train.hflip) == (43, False)
     cache = tmp_path / "gtsrb" / "cache_32.pt"
     assert cache.is_file() and not list(cache.parent.glob("*.tmp"))
@@ -273,9 +278,13 @@ def test_tiny_imagenet_loader(tmp_path):
 
     train, test = load_dataset("tiny_imagenet", data_root=str(tmp_path))
     assert train.x.shape == (6, 3, 64, 64) and test.x.shape == (3, 3, 64, 64)
-    assert train.y.tolist() == [0, 0, 0, 1, 1, 1] and test.y.tolist() == [1, 0, 1]
+    mixed = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    by_class = [0, 0, 0, 1, 1, 1]
+    assert train.y.tolist() == torch.tensor(by_class)[mixed].tolist() != by_class
+    assert test.y.tolist() == [1, 0, 1]
     assert (train.num_classes, train.hflip, train.classes) == (200, True, tuple(wnids))
-    assert abs(int(train.x[3, 1, 10, 10]) - 100) <= 2  # grayscale JPEG expanded to RGB
+    gray = mixed.tolist().index(3)  # class 1's grayscale JPEG, expanded to RGB
+    assert abs(int(train.x[gray, 1, 10, 10]) - 100) <= 2
     assert (base / "cache_64.pt").is_file()
 
 
@@ -310,3 +319,17 @@ def test_synthetic_params_and_resize():
     assert train.num_classes == 3 and len(train.mean) == 3
     with pytest.raises(DatasetError, match="unknown synthetic keys"):
         load_dataset("synthetic", synthetic={"n_trian": 5})
+
+
+def test_failed_cache_write_leaves_no_temp_file(tmp_path, monkeypatch, caplog):
+    """A full disk while saving the cache: the data still load, and no partial file is left."""
+    write_gtsrb(tmp_path)
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise RuntimeError("PytorchStreamWriter failed writing file: No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    train, _ = load_dataset("gtsrb", data_root=str(tmp_path))
+    assert train.x.shape == (6, 3, 32, 32)
+    assert not list((tmp_path / "gtsrb").glob("*.tmp")) and "could not write cache" in caplog.text
