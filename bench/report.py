@@ -98,6 +98,23 @@ def _der_table(ok: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records, columns=columns)
 
 
+def attack_settings(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with each attack named by its setting, so that runs of one attack with another
+    label mode or target are separate leaderboard lines: ``badnets (all2all)``, ``badnets
+    (target 3)``; all-to-one and clean-label runs on target 0 keep the plain name."""
+    if rows.empty:
+        return rows
+
+    def name(r: pd.Series) -> str:
+        if r.label_mode == "all2all":
+            return f"{r.attack} (all2all)"
+        if pd.notna(r.target) and float(r.target) != 0:
+            return f"{r.attack} (target {int(float(r.target))})"
+        return r.attack
+
+    return rows.assign(attack=rows.apply(name, axis=1))
+
+
 def leaderboard(ok: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, attack, defense, poison_rate): ``<metric>_{mean,std,n}``.
 
@@ -294,7 +311,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
     rows = load_results(results_dir)
     ok, failed = rows[rows.status == "ok"], rows[rows.status != "ok"]
     ok, superseded = latest_per_cell(ok)
-    board = leaderboard(ok)
+    board = leaderboard(attack_settings(ok))
     notes = [f"no successful runs in {results_dir}"] if ok.empty else []
     notes += [f"{len(failed)} failed run(s), listed in leaderboard.md"] if len(failed) else []
     notes += ([f"{len(superseded)} superseded row(s) left out, listed in leaderboard.md"]

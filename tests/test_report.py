@@ -194,6 +194,26 @@ def test_superseded_config_is_not_another_seed(tmp_path: Path) -> None:
     assert "1 superseded row left out" in md and "- toy-cnn-badnets-abl-s0-oldhash" in md
 
 
+def test_label_modes_and_targets_are_separate_lines_not_superseded(tmp_path: Path) -> None:
+    """A sweep over attack.label_mode or attack.target: each setting is its own leaderboard
+    line (and its own DER reference), none supersedes another."""
+    for i, (mode, target, defense, ba, asr) in enumerate([
+            ("all2one", 0, "none", 0.90, 0.99), ("all2one", 0, "abl", 0.85, 0.03),
+            ("all2all", 0, "none", 0.88, 0.90), ("all2all", 0, "abl", 0.80, 0.10),
+            ("all2one", 3, "none", 0.89, 0.98)]):
+        write_row(tmp_path, make_row("badnets", defense, 0, ba=ba, asr=asr, target=target,
+                                     label_mode=mode, timestamp=f"2026-01-0{i + 1}T00:00:00")
+                  | {"run_id": f"toy-cnn-badnets-{defense}-s0-{mode}-{target}"})
+    built = report(tmp_path)
+    board = pd.read_csv(built["leaderboard.csv"]).set_index(["attack", "defense"])
+    assert board.ba_mean.to_dict() == {
+        ("badnets", "none"): 0.90, ("badnets", "abl"): 0.85,
+        ("badnets (all2all)", "none"): 0.88, ("badnets (all2all)", "abl"): 0.80,
+        ("badnets (target 3)", "none"): 0.89}
+    assert board.der_mean[("badnets (all2all)", "abl")] == pytest.approx((0.8 - 0.08 + 1) / 2)
+    assert "superseded" not in built["leaderboard.md"].read_text()
+
+
 def test_fresh_clone_reports_the_committed_runs_csv(tmp_path: Path) -> None:
     """Row files are not committed: the report of a clone reads runs.csv, plus any new rows."""
     for seed, ba in ((0, 0.80), (1, 0.70)):
