@@ -43,7 +43,9 @@ class AttackSpec:
 @dataclass(frozen=True)
 class PrepareContext:
     """What an attack's ``prepare`` step may use: the run's device and precision switches, the
-    seed (for its own generators) and a cache folder for what it learns (surrogates)."""
+    seed (for its own generators) and a cache folder for what it learns (surrogates).
+    ``hardware`` names what computes the run (``bench.run.hardware``); cached resources are
+    keyed by it and, on a CPU, by the thread count (``bench.surrogate.builder``)."""
 
     seed: int = 0
     device: str = "cpu"
@@ -51,6 +53,7 @@ class PrepareContext:
     channels_last: bool = False
     cache_dir: str | None = None
     progress: bool | None = False
+    hardware: str = ""
 
 
 @dataclass(frozen=True)

@@ -98,9 +98,11 @@ def prepare(cfg: RunConfig) -> tuple[PoisonedTrain, ImageSet, TriggeredTest | No
     create_model(cfg.model.name, train.num_classes, train.x.shape[1], **cfg.model.kwargs)
     if cfg.attack is None:
         return clean(train), test, None
-    ctx = PrepareContext(seed=cfg.seed, device=str(resolve_device(cfg.device)), amp=cfg.amp,
+    device = resolve_device(cfg.device)
+    ctx = PrepareContext(seed=cfg.seed, device=str(device), amp=cfg.amp,
                          channels_last=cfg.channels_last,
-                         cache_dir=str(Path(cfg.results_dir) / "cache"), progress=cfg.progress)
+                         cache_dir=str(Path(cfg.results_dir) / "cache"), progress=cfg.progress,
+                         hardware=hardware(device))
     ptrain, triggered = poison(train, test, cfg.attack, cfg.seed, ctx)
     return ptrain, test, triggered
 

@@ -93,6 +93,17 @@ def cache_key(parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def builder(ctx: PrepareContext) -> list:
+    """What computes a cached resource, part of its key: the hardware and, on a CPU, the thread
+    count. bf16 training on a CPU depends on both (oneDNN's kernels and reduction order differ):
+    a surrogate trained with two threads gives another trigger than one trained with one, so a
+    run only ever reuses what a run with its own thread count and hardware built, and its row
+    repeats whichever runs filled the cache first."""
+    if torch.device(ctx.device).type == "cpu":
+        return [ctx.hardware, torch.get_num_threads()]
+    return [ctx.hardware]
+
+
 def _path(ctx: PrepareContext, name: str, key: str) -> Path | None:
     if ctx.cache_dir is None:
         return None
@@ -127,11 +138,11 @@ def _load(path: Path | None, key: str) -> dict | None:
 def cached_tensor(key_parts: Any, build_fn: Callable[[], Tensor], ctx: PrepareContext, *,
                   name: str = "resource", shape: Sequence[int] | None = None,
                   dtype: torch.dtype | None = None) -> Tensor:
-    """``build_fn()`` computed once per content key and cached in ``ctx.cache_dir``.
+    """``build_fn()`` computed once per content key and builder, cached in ``ctx.cache_dir``.
 
     Args:
         key_parts: JSON-able description of everything the tensor depends on (include
-            ``fingerprint(train)``, the params and the seed).
+            ``fingerprint(train)``, the params and the seed; ``builder(ctx)`` is added here).
         build_fn: computes the tensor (any device; stored and returned on CPU).
         ctx: the prepare context (``cache_dir`` None: no caching).
         name: file-name prefix, for humans.
@@ -140,7 +151,7 @@ def cached_tensor(key_parts: Any, build_fn: Callable[[], Tensor], ctx: PrepareCo
     Returns:
         The CPU tensor, bit-identical whether built now or loaded.
     """
-    key = cache_key([name, key_parts])
+    key = cache_key([name, key_parts, builder(ctx)])
     path = _path(ctx, name, key)
     with file_lock(path):  # parallel jobs: one builds, the others wait and load
         blob = _load(path, key)
@@ -190,7 +201,7 @@ def pgd_adversary(eng: Engine, eps: float, steps: int, gen: torch.Generator
 def surrogate(train: ImageSet, ctx: PrepareContext, *, model: str = "cnn_small",
               width: float | None = None, epochs: int = 5, purpose: str,
               adv_eps: float = 0.0, adv_steps: int = 7) -> PixelModel:
-    """A classifier trained on ``train`` (uint8, clean labels), cached by content.
+    """A classifier trained on ``train`` (uint8, clean labels), cached by content and builder.
 
     Recipe (the default CPU recipe, shortened): SGD lr 0.05, momentum 0.9, Nesterov, wd 5e-4,
     batch 128, cosine to 0 over ``epochs``, random crop with 2 px padding, flips where the
@@ -215,7 +226,7 @@ def surrogate(train: ImageSet, ctx: PrepareContext, *, model: str = "cnn_small",
     device = torch.device(ctx.device)
     robust = [adv_eps, adv_steps] if adv_eps > 0 else []  # standard surrogates keep their keys
     key = cache_key(["surrogate", train.name, len(train), fingerprint(train), model, kwargs,
-                     epochs, ctx.seed, purpose, ctx.amp, device.type, *robust])
+                     epochs, ctx.seed, purpose, ctx.amp, device.type, *robust, builder(ctx)])
     path = _path(ctx, f"surrogate-{purpose}", key)
     with torch.random.fork_rng(devices=[]):  # same init whatever the global RNG state
         torch.manual_seed(derive_seed(ctx.seed, f"surrogate/{purpose}/init"))

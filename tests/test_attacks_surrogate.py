@@ -327,3 +327,34 @@ def test_cached_tensor_recovers_from_bad_files(tmp_path, caplog):
     assert len(calls) == 8 and caplog.text.count("rebuilding") == 3
     uncached = S.cached_tensor(["k", 1], build, PrepareContext(), name="res")
     assert torch.equal(uncached, build())
+
+
+def test_cache_is_per_thread_count_and_hardware(data, tmp_path, monkeypatch):
+    """On a CPU a cached surrogate or trigger is reused only by runs with the thread count and
+    hardware that built it (bf16 training differs with both), so a row never depends on which
+    run filled the cache first; on a GPU the thread count plays no part."""
+    train, _ = data
+    calls = []
+
+    def build():
+        calls.append(1)
+        return torch.ones(2)
+
+    def get(threads, hw="isa-A", device="cpu"):
+        monkeypatch.setattr(S.torch, "get_num_threads", lambda: threads)
+        ctx = PrepareContext(cache_dir=str(tmp_path), hardware=hw, device=device)
+        S.cached_tensor(["who"], build, ctx, name="res")
+        return S.builder(ctx)
+
+    assert get(2) == ["isa-A", 2] and len(calls) == 1
+    get(2)
+    assert len(calls) == 1  # same builder: hit
+    get(1)
+    get(2, hw="isa-B")
+    assert len(calls) == 3 and len(list(tmp_path.glob("res-*.pt"))) == 3
+    assert S.builder(PrepareContext(device="cuda", hardware="GPU")) == ["GPU"]
+    kw = {"width": 0.25, "epochs": 1, "purpose": "t"}
+    for threads in (1, 2):
+        monkeypatch.setattr(S.torch, "get_num_threads", lambda t=threads: t)
+        S.surrogate(train, PrepareContext(cache_dir=str(tmp_path)), **kw)
+    assert len(list(tmp_path.glob("surrogate-t-*.pt"))) == 2
