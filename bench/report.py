@@ -4,7 +4,8 @@ Reads the rows of ``<RESULTS_DIR>`` (``bench.rows.load_results``: the row files,
 a committed ``runs.csv`` that no row file replaces) and writes to ``--out``
 (default ``<RESULTS_DIR>/report``): ``leaderboard.csv`` (mean/std/n over seeds per group, DER),
 ``leaderboard.md`` (attack × defense pivots), ``ba_vs_asr.png`` and ``stage_cost.png``.
-Only ``ok`` rows enter the statistics; failed runs are listed in a note.
+Only ``ok`` rows enter the statistics; failed runs are listed in a note, and so are the lines
+whose seeds were computed on different hardware or CPU thread counts.
 
 Clean runs (``attack=none``, poison rate 0) are shown in every poison-rate table of their
 dataset/model, as the first attack row, so each table carries its clean reference.
@@ -192,14 +193,53 @@ def superseded_note(superseded: pd.DataFrame | None) -> list[str]:
     return [*lines, ""]
 
 
+def _compute(r: pd.Series) -> str:
+    """Where a row was computed: its ``hardware`` (``unrecorded`` when empty) and, on a CPU, its
+    thread count (``default threads`` when unset)."""
+    hw = r.get("hardware")
+    text = str(hw) if isinstance(hw, str) and hw.strip() else "unrecorded hardware"
+    if str(r.get("device", "cpu")) in ("cpu", "nan", "None", ""):
+        t = pd.to_numeric(r.get("threads"), errors="coerce")
+        text += (", default threads" if pd.isna(t)
+                 else f", {int(t)} thread{'s' if int(t) != 1 else ''}")
+    return text
+
+
+def mixed_compute_note(ok: pd.DataFrame) -> list[str]:
+    """One bullet per leaderboard line whose rows were computed on more than one hardware or CPU
+    thread count: bf16 numerics (and so BA/ASR) differ between them, so its mean mixes two
+    numerics. ``ok`` has the leaderboard's attack names (``attack_settings``)."""
+    if ok.empty:
+        return []
+    ok = ok.assign(_compute=ok.apply(_compute, axis=1))
+    bullets = []
+    for key, g in ok.groupby(GROUP, dropna=False, sort=True):
+        if g._compute.nunique() < 2:
+            continue
+        parts = []
+        for where, h in g.groupby("_compute", sort=True):
+            seeds = sorted(pd.to_numeric(h.seed, errors="coerce").dropna().astype(int))
+            parts.append(f"{where} (seed{'s' if len(seeds) != 1 else ''} "
+                         f"{', '.join(map(str, seeds))})")
+        dataset, model, attack, defense, rate = key
+        bullets.append(f"- {dataset} · {model} · {attack} / {defense} @ {float(rate):g}: "
+                       + "; ".join(parts))
+    if not bullets:
+        return []
+    n = len(bullets)
+    return [f"{n} line{'s' if n != 1 else ''} mix{'es' if n == 1 else ''} rows computed on "
+            "different hardware or CPU thread counts (bf16 results differ between them):", "",
+            *bullets, ""]
+
+
 def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok: int,
-             superseded: pd.DataFrame | None = None) -> str:
-    """The whole ``leaderboard.md``."""
+             superseded: pd.DataFrame | None = None, mixed: list[str] | None = None) -> str:
+    """The whole ``leaderboard.md``; ``mixed`` is ``mixed_compute_note``'s lines."""
     lines = [f"# Leaderboard — {results_dir}", "",
              f"{n_ok + len(failed)} runs: {n_ok} ok, {len(failed)} failed.", "", HEADER, ""]
     if not n_ok:
         lines += [f"**no successful runs in {results_dir}**", ""]
-    return "\n".join(lines + failed_note(failed) + superseded_note(superseded)
+    return "\n".join(lines + failed_note(failed) + superseded_note(superseded) + (mixed or [])
                      + _sections(board)).rstrip() + "\n"
 
 
@@ -311,15 +351,17 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
     rows = load_results(results_dir)
     ok, failed = rows[rows.status == "ok"], rows[rows.status != "ok"]
     ok, superseded = latest_per_cell(ok)
-    board = leaderboard(attack_settings(ok))
+    named = attack_settings(ok)
+    board, mixed = leaderboard(named), mixed_compute_note(named)
     notes = [f"no successful runs in {results_dir}"] if ok.empty else []
     notes += [f"{len(failed)} failed run(s), listed in leaderboard.md"] if len(failed) else []
     notes += ([f"{len(superseded)} superseded row(s) left out, listed in leaderboard.md"]
               if len(superseded) else [])
+    notes += [mixed[0].rstrip(":") + ", listed in leaderboard.md"] if mixed else []
     paths = {"leaderboard.csv": out / "leaderboard.csv", "leaderboard.md": out / "leaderboard.md"}
     atomic_write(paths["leaderboard.csv"], board.to_csv(index=False))
     atomic_write(paths["leaderboard.md"],
-                 markdown(board, failed, results_dir, len(ok), superseded))
+                 markdown(board, failed, results_dir, len(ok), superseded, mixed))
     if not ok.empty:
         paths["ba_vs_asr.png"] = ba_vs_asr(board, out / "ba_vs_asr.png")
         paths["stage_cost.png"] = stage_cost(ok, out / "stage_cost.png")

@@ -214,6 +214,33 @@ def test_label_modes_and_targets_are_separate_lines_not_superseded(tmp_path: Pat
     assert "superseded" not in built["leaderboard.md"].read_text()
 
 
+def test_lines_mixing_hardware_or_threads_are_listed(tmp_path: Path) -> None:
+    """bf16 numerics depend on the CPU's ISA and thread count: a line whose seeds ran on different
+    ones is listed with where each seed ran; a uniform line, a CUDA line whose thread counts
+    differ, and the fixture's rows (no hardware recorded) are not."""
+    def row(defense: str, seed: int, hardware: str, threads: int | None, device: str = "cpu"):
+        return make_row("badnets", defense, seed, ba=0.9, asr=0.1, hardware=hardware,
+                        threads=threads, device=device)
+
+    for r in [row("none", 0, "AVX512 avx512_bf16", 2), row("none", 1, "AVX512 avx512_bf16", 1),
+              row("none", 2, "AVX512 avx512_bf16", 1),
+              row("abl", 0, "AVX512 avx512_bf16 amx_bf16", 1), row("abl", 1, "", 1),
+              row("dlp", 0, "AVX2", 1), row("dlp", 1, "AVX2", 1),
+              row("dbd", 0, "NVIDIA H200", 1, "cuda"), row("dbd", 1, "NVIDIA H200", 8, "cuda")]:
+        write_row(tmp_path, r)
+    md = report(tmp_path)["leaderboard.md"].read_text()
+    assert "2 lines mix rows computed on different hardware or CPU thread counts" in md
+    assert ("- toy · cnn · badnets / none @ 0.1: AVX512 avx512_bf16, 1 thread (seeds 1, 2); "
+            "AVX512 avx512_bf16, 2 threads (seed 0)") in md
+    assert ("- toy · cnn · badnets / abl @ 0.1: AVX512 avx512_bf16 amx_bf16, 1 thread (seed 0); "
+            "unrecorded hardware, 1 thread (seed 1)") in md
+    assert "badnets / dlp" not in md and "badnets / dbd" not in md
+
+
+def test_uniform_lines_have_no_mixed_note(built: dict[str, Path]) -> None:
+    assert "mix rows computed" not in built["leaderboard.md"].read_text()
+
+
 def test_fresh_clone_reports_the_committed_runs_csv(tmp_path: Path) -> None:
     """Row files are not committed: the report of a clone reads runs.csv, plus any new rows."""
     for seed, ba in ((0, 0.80), (1, 0.70)):
