@@ -72,7 +72,7 @@ class RunConfig:
     defense: DefenseCfg = field(default_factory=DefenseCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     seed: int = 0
-    amp: bool = True
+    amp: bool | str = "auto"  # bf16 autocast: true, false, or auto (bench.run.resolve_amp)
     channels_last: bool = True
     device: str = "auto"
     threads: int | None = None
@@ -113,6 +113,8 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
         name = att.get("name", AttackSpec.name)
         att["params"] = ATTACKS.params(name, att.get("params"))
         out["attack"] = _section(AttackSpec, att, "attack")
+    if not (isinstance(out.get("amp", True), bool) or out.get("amp") == "auto"):
+        raise ConfigError(f"amp must be true, false or auto, got {out['amp']!r}")
     dfn = dict(d.get("defense", {}))
     name = dfn.get("name", "none")
     dfn["params"] = DEFENSES.params(name, dfn.get("params"))

@@ -47,6 +47,43 @@ def git_sha() -> str:
         return "unknown"
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty
+    where there is no such file (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].split() for ln in f
+                         if ln.startswith(("flags", "Features"))), [])
+    except OSError:
+        return []
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs on native bf16 arithmetic: a CUDA GPU that supports bf16, or a
+    CPU with AVX512-BF16, AMX-BF16 (x86) or the Arm BF16 extension. Elsewhere oneDNN emulates
+    bf16, and training is several times slower than in fp32 (a small CNN on an AVX2 CPU: 162
+    against 1688 images/s, ``benchmarks/throughput.py``)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpu_flags()))
+
+
+def resolve_amp(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``amp=auto`` replaced by what it means on this machine: bf16 autocast where
+    ``native_bf16``, fp32 elsewhere. The config hash is taken after this, so a row says which
+    precision computed it, and an ``auto`` run on a bf16 machine has the hash of ``amp=true``."""
+    if cfg.amp != "auto":
+        return cfg
+    device = resolve_device(cfg.device)
+    amp = native_bf16(device)
+    if not amp:
+        log.info("amp=auto: no native bf16 on %s (%s), training in fp32", device,
+                 hardware(device))
+    return replace(cfg, amp=amp)
+
+
 def hardware(device: torch.device) -> str:
     """What computed the row: the GPU's name, or the CPU's vector ISA as PyTorch sees it plus
     the bf16 extensions oneDNN uses (``avx512_bf16``, ``amx_bf16``) and any
@@ -56,13 +93,9 @@ def hardware(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type != "cpu":
         return device.type
+    flags = cpu_flags()
     parts = [torch.backends.cpu.get_cpu_capability()]
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        flags = []
-    parts += [fl for fl in ("avx512_bf16", "amx_bf16") if fl in flags]
+    parts += [fl for fl in ("avx512_bf16", "amx_bf16", "bf16") if fl in flags]
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return " ".join(parts) + (f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else "")
 
@@ -143,6 +176,7 @@ def deterministic_cuda(device: torch.device) -> None:
 def run(cfg: RunConfig) -> dict:
     """Run one configuration end to end and return its row (not yet written)."""
     start = time.perf_counter()
+    cfg = resolve_amp(cfg)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -199,6 +233,7 @@ def finished_row(cfg: RunConfig) -> dict | None:
 def run_and_record(cfg: RunConfig) -> dict:
     """Run (or skip, if already done) and write the row. Bad input raises ``BenchError`` and
     writes nothing; any other failure is written as a ``failed`` row and returned."""
+    cfg = resolve_amp(cfg)
     if not cfg.force and (done := finished_row(cfg)) is not None:
         log.info("skipping %s: already done (force=true reruns it)", done["run_id"])
         return done

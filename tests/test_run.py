@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
+import bench.run
+from bench.errors import ConfigError
 from bench.rows import COLUMNS, collect
-from bench.run import hardware, prepare, run, run_and_record, run_id
+from bench.run import hardware, prepare, resolve_amp, run, run_and_record, run_id
 
 
 def test_run_learns_backdoor_and_row_has_schema(tiny_cfg):
@@ -41,6 +43,36 @@ def test_hardware_names_the_isa_and_a_onednn_cap(monkeypatch):
     assert plain.split()[0] == torch.backends.cpu.get_cpu_capability() and "(" not in plain
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     assert hardware(torch.device("cpu")) == f"{plain} (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)"
+
+
+@pytest.mark.parametrize(("flags", "want"), [
+    (["fpu", "avx2"], False),                       # AVX2 laptop: oneDNN emulates bf16
+    (["avx2", "avx512f", "avx512_bf16"], True),      # AVX512-BF16
+    (["avx2", "amx_bf16", "amx_tile"], True),        # AMX
+    (["fp", "asimd", "bf16"], True),                 # Arm BF16 extension
+    ([], False)])                                    # no /proc/cpuinfo
+def test_amp_auto_is_bf16_only_on_native_bf16(tiny_cfg, monkeypatch, flags, want):
+    """amp=auto (the default) trains in bf16 where the CPU has native bf16 and in fp32 elsewhere;
+    the config hash is the resolved one, so on a bf16 CPU it equals amp=true's."""
+    monkeypatch.setattr(bench.run, "cpu_flags", lambda: flags)
+    auto = tiny_cfg("amp=auto", "device=cpu")
+    assert resolve_amp(auto).amp is want
+    assert run_id(resolve_amp(auto)) == run_id(tiny_cfg(f"amp={str(want).lower()}", "device=cpu"))
+    assert resolve_amp(tiny_cfg("amp=true")).amp is True  # explicit values are kept
+    assert resolve_amp(tiny_cfg("amp=false")).amp is False
+    assert "bf16" not in hardware(torch.device("cpu")) or want
+
+
+def test_amp_auto_row_is_recorded_under_the_resolved_config(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(bench.run, "cpu_flags", lambda: ["avx2"])
+    row = run_and_record(tiny_cfg("amp=auto", "train.epochs=1"))
+    fp32 = tiny_cfg("amp=false", "train.epochs=1")
+    assert row["status"] == "ok" and row["run_id"] == run_id(fp32)
+
+
+def test_amp_must_be_a_bool_or_auto(tiny_cfg):
+    with pytest.raises(ConfigError, match="amp must be true, false or auto"):
+        tiny_cfg("amp=bf16")
 
 
 def test_same_seed_identical_metrics_on_cpu(tiny_cfg):
