@@ -205,16 +205,25 @@ def _compute(r: pd.Series) -> str:
     return text
 
 
+def _known(values: pd.Series) -> set[str]:
+    return {str(v).strip() for v in values if pd.notna(v) and str(v).strip()}
+
+
 def mixed_compute_note(ok: pd.DataFrame) -> list[str]:
     """One bullet per leaderboard line whose rows were computed on more than one hardware or CPU
     thread count: bf16 numerics (and so BA/ASR) differ between them, so its mean mixes two
-    numerics. ``ok`` has the leaderboard's attack names (``attack_settings``)."""
+    numerics. A row that did not record its hardware (older rows) or thread count differs from
+    none. ``ok`` has the leaderboard's attack names (``attack_settings``)."""
     if ok.empty:
         return []
     ok = ok.assign(_compute=ok.apply(_compute, axis=1))
+    cpu = ok.device.astype(str).isin(["cpu", "nan", "None", ""]) if "device" in ok else True
     bullets = []
     for key, g in ok.groupby(GROUP, dropna=False, sort=True):
-        if g._compute.nunique() < 2:
+        hw = _known(g.hardware) if "hardware" in g else set()
+        threads = _known(pd.to_numeric(g.threads, errors="coerce")[cpu].astype("Int64")
+                         .astype(str).replace("<NA>", "")) if "threads" in g else set()
+        if len(hw) < 2 and len(threads) < 2:
             continue
         parts = []
         for where, h in g.groupby("_compute", sort=True):

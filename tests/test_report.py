@@ -225,6 +225,8 @@ def test_lines_mixing_hardware_or_threads_are_listed(tmp_path: Path) -> None:
     for r in [row("none", 0, "AVX512 avx512_bf16", 2), row("none", 1, "AVX512 avx512_bf16", 1),
               row("none", 2, "AVX512 avx512_bf16", 1),
               row("abl", 0, "AVX512 avx512_bf16 amx_bf16", 1), row("abl", 1, "", 1),
+              row("abl", 2, "AVX512 avx512_bf16", 1),
+              row("sig", 0, "AVX2", 1), row("sig", 1, "", None),  # unrecorded: no difference
               row("dlp", 0, "AVX2", 1), row("dlp", 1, "AVX2", 1),
               row("dbd", 0, "NVIDIA H200", 1, "cuda"), row("dbd", 1, "NVIDIA H200", 8, "cuda")]:
         write_row(tmp_path, r)
@@ -233,8 +235,8 @@ def test_lines_mixing_hardware_or_threads_are_listed(tmp_path: Path) -> None:
     assert ("- toy · cnn · badnets / none @ 0.1: AVX512 avx512_bf16, 1 thread (seeds 1, 2); "
             "AVX512 avx512_bf16, 2 threads (seed 0)") in md
     assert ("- toy · cnn · badnets / abl @ 0.1: AVX512 avx512_bf16 amx_bf16, 1 thread (seed 0); "
-            "unrecorded hardware, 1 thread (seed 1)") in md
-    assert "badnets / dlp" not in md and "badnets / dbd" not in md
+            "AVX512 avx512_bf16, 1 thread (seed 2); unrecorded hardware, 1 thread (seed 1)") in md
+    assert "badnets / dlp" not in md and "badnets / dbd" not in md and "badnets / sig" not in md
 
 
 def test_uniform_lines_have_no_mixed_note(built: dict[str, Path]) -> None:
