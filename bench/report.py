@@ -193,20 +193,25 @@ def superseded_note(superseded: pd.DataFrame | None) -> list[str]:
     return [*lines, ""]
 
 
-def _compute(r: pd.Series) -> str:
-    """Where a row was computed: its ``hardware`` (``unrecorded`` when empty) and, on a CPU, its
-    thread count (``default threads`` when unset)."""
-    hw = r.get("hardware")
-    text = str(hw) if isinstance(hw, str) and hw.strip() else "unrecorded hardware"
-    if str(r.get("device", "cpu")) in ("cpu", "nan", "None", ""):
-        t = pd.to_numeric(r.get("threads"), errors="coerce")
-        text += (", default threads" if pd.isna(t)
-                 else f", {int(t)} thread{'s' if int(t) != 1 else ''}")
-    return text
+def _where(ok: pd.DataFrame) -> pd.DataFrame:
+    """Per row: ``hw`` (the recorded hardware, else missing), ``threads`` (the recorded thread count
+    on a CPU, else NaN) and ``text``, where the row was computed in words."""
+    def col(name: str) -> pd.Series:
+        return ok[name] if name in ok else pd.Series(None, index=ok.index, dtype=object)
 
+    hw = col("hardware").map(lambda v: v.strip() if isinstance(v, str) and v.strip() else None)
+    on_cpu = col("device").astype(str).isin(["cpu", "nan", "None", ""])
+    threads = pd.to_numeric(col("threads"), errors="coerce").where(on_cpu)
 
-def _known(values: pd.Series) -> set[str]:
-    return {str(v).strip() for v in values if pd.notna(v) and str(v).strip()}
+    def text(h: Any, t: float, cpu: bool) -> str:
+        out = h if isinstance(h, str) else "unrecorded hardware"
+        if cpu:
+            out += (", default threads" if pd.isna(t)
+                    else f", {int(t)} thread{'s' if int(t) != 1 else ''}")
+        return out
+
+    return pd.DataFrame({"hw": hw, "threads": threads, "text": list(map(
+        text, hw, threads, on_cpu))}, index=ok.index)
 
 
 def mixed_compute_note(ok: pd.DataFrame) -> list[str]:
@@ -216,19 +221,15 @@ def mixed_compute_note(ok: pd.DataFrame) -> list[str]:
     none. ``ok`` has the leaderboard's attack names (``attack_settings``)."""
     if ok.empty:
         return []
-    ok = ok.assign(_compute=ok.apply(_compute, axis=1))
-    cpu = ok.device.astype(str).isin(["cpu", "nan", "None", ""]) if "device" in ok else True
+    where = _where(ok)
     bullets = []
-    for key, g in ok.groupby(GROUP, dropna=False, sort=True):
-        hw = _known(g.hardware) if "hardware" in g else set()
-        threads = _known(pd.to_numeric(g.threads, errors="coerce")[cpu].astype("Int64")
-                         .astype(str).replace("<NA>", "")) if "threads" in g else set()
-        if len(hw) < 2 and len(threads) < 2:
+    for key, g in where.groupby([ok[c] for c in GROUP], dropna=False, sort=True):
+        if g.hw.nunique() < 2 and g.threads.nunique() < 2:
             continue
         parts = []
-        for where, h in g.groupby("_compute", sort=True):
-            seeds = sorted(pd.to_numeric(h.seed, errors="coerce").dropna().astype(int))
-            parts.append(f"{where} (seed{'s' if len(seeds) != 1 else ''} "
+        for text, h in g.groupby("text", sort=True):
+            seeds = sorted(pd.to_numeric(ok.seed[h.index], errors="coerce").dropna().astype(int))
+            parts.append(f"{text} (seed{'s' if len(seeds) != 1 else ''} "
                          f"{', '.join(map(str, seeds))})")
         dataset, model, attack, defense, rate = key
         bullets.append(f"- {dataset} · {model} · {attack} / {defense} @ {float(rate):g}: "
