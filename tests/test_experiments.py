@@ -251,33 +251,58 @@ def test_cli_accepts_variants_and_rejects_typos(capsys):
 
 
 @cache
-def plain_job(attack: str, defense: str) -> dict:
-    """The config of ``python -m bench attack=<attack> defense=<defense>``."""
-    return OmegaConf.to_container(_compose((f"attack={attack}", f"defense={defense}")),
-                                  resolve=True)
+def plain_job(attack: str, defense: str, *extra: str) -> dict:
+    """The config of ``python -m bench attack=<attack> defense=<defense> <extra>``."""
+    return OmegaConf.to_container(
+        _compose((f"attack={attack}", f"defense={defense}", *extra)), resolve=True)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_reduced_variant_is_a_slice_of_the_main_table(experiment):
-    """Every reduced job is exactly the plain Fashion-MNIST run of its attack and defense (same
-    config, same run id) written to results/fashion_mnist, so rows are shared with the main table
-    and between the experiments; its attacks and defenses are among the full-scale grid's."""
+def test_reduced_variant_is_the_plain_run_at_ci_scale(experiment):
+    """Every reduced job is exactly the plain Fashion-MNIST run of its attack and defense with
+    ``scale=ci`` (same config, same run id), written to results/paper_reduced, so rows are shared
+    between the experiments; its attacks and defenses are among the full-scale grid's."""
     reduced = f"{experiment}_reduced"
     full, small = sweep_params(experiment), sweep_params(reduced)
     assert set(small["defense"]) <= set(full["defense"]) and small["seed"] == ["0"]
     full_names = {job(experiment, a, full["defense"][0])["attack"]["name"] for a in full["attack"]}
     assert set(small["attack"]) <= full_names
-    main = _compose(("sweep=fashion_mnist_main",), hydra_cfg=True).hydra.sweeper.params
-    main = {k: [v.strip() for v in str(o).split(",")] for k, o in main.items()}
-    assert set(small["attack"]) <= set(main["attack"])
-    assert set(small["defense"]) <= set(main["defense"])
     for attack, defense, cfg in jobs(reduced):
-        assert cfg["results_dir"] == "results/fashion_mnist"
-        plain = plain_job(attack, defense)
+        assert cfg["results_dir"] == "results/paper_reduced"
+        plain = plain_job(attack, defense, "scale=ci")
         assert {k: v for k, v in cfg.items() if k != "results_dir"} == {
             k: v for k, v in plain.items() if k != "results_dir"}
         assert run_id(from_dict(cfg)) == run_id(from_dict(plain))
         assert cfg["attack"]["poison_rate"] == 0.1
+
+
+def _leaves(d, prefix=""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], d
+
+
+@pytest.mark.parametrize("defense", DEFENSES.names())
+def test_ci_scale_only_shortens_the_costly_stages(defense):
+    """``scale=ci`` changes nothing but epoch counts and what is measured in epochs (the cosine
+    length, the lambda_u ramp), each to at most its main-table value: the same algorithm, run
+    shorter. ABL and no defense run as in the main table; DBD and DLP are shortened."""
+    main = dict(_leaves(plain_job("badnets", defense)))
+    ci = dict(_leaves(plain_job("badnets", defense, "scale=ci")))
+    assert main.keys() == ci.keys()
+    changed = {k for k in main if main[k] != ci[k]}
+    assert bool(changed) == (defense in ("dbd", "dlp")), changed
+    for k in changed:
+        assert k.rsplit(".", 1)[-1] in ("epochs", "schedule_epochs", "rampup_length"), k
+        assert 0 < ci[k] < main[k], k
+
+
+def test_default_scale_adds_nothing():
+    """The default scale is an empty config, so the main table's configs (and run ids) are what
+    they were before the group existed."""
+    assert yaml.safe_load((ROOT / "conf" / "scale" / "default.yaml").read_text()) is None
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -286,13 +311,7 @@ def test_paper_checker_claims_match_the_reduced_grid(experiment):
 
     p = sweep_params(f"{experiment}_reduced")
     assert list(CHECKED[experiment].attacks) == p["attack"]
-    assert {"none", *CHECKED[experiment].defenses} <= set(p["defense"])
-
-
-def test_backdoorbench_reduced_is_small():
-    p = sweep_params("backdoorbench_cifar10_reduced")
-    assert p["attack"] == ["badnets", "blended", "wanet"]
-    assert p["defense"] == ["none", "abl", "dbd", "dlp"]
+    assert {"none", *CHECKED[experiment].defenses} == set(p["defense"])
 
 
 # --- reference numbers -----------------------------------------------------------------------
