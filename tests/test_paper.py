@@ -128,10 +128,16 @@ def test_newest_failed_run_is_missing_not_its_older_ok_row(setup: tuple[Path, Pa
 def test_markdown_side_by_side(setup: tuple[Path, Path]) -> None:
     results, ref = setup
     _rows(results / "paper" / "toy", {("badnets", "dbd", 0): (0.93, 0.005)})  # a full-scale row
-    run_check(results / "paper", results / "fashion_mnist", results / "paper", ref)
+    # the main table's rows, shown beside (mean over its seeds), are never checked
+    _rows(results / "main", {("badnets", "dbd", 0): (0.83, 0.02),
+                             ("badnets", "dbd", 1): (0.81, 0.04),
+                             ("blended", "dbd", 0): (0.70, 0.9)})
+    v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref,
+                      main_dir=results / "main"))
     md = (results / "paper" / "toy.md").read_text()
     assert "| badnets | dbd | 92.0 / 1.0 | 93.0 / 0.5 | 83.0 / 2.0 | 82.0 / 3.0 (n = 2) |" in md
-    assert "| blended | dbd | 92.0 / 1.0 |  | 80.0 / 10.0 |  |" in md
+    assert "| blended | dbd | 92.0 / 1.0 |  | 80.0 / 10.0 | 70.0 / 90.0 (n = 1) |" in md
+    assert v["removes", "badnets", "dbd"].value == pytest.approx(0.02)  # seed 0 of the reduced
     assert "| keeps_ba | blended | dbd | 0.100 | BA drop ≤ 0.050 | FAIL |" in md
     assert "Sources: Toy README" in md
 
