@@ -31,7 +31,7 @@ PLUGINS = {  # launcher option -> (plugin module, pyproject extra)
     "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
 }
 GROUPS = ("dataset", "model", "attack", "defense", "train", "sweep", "experiment", "logger",
-          "ablation")
+          "ablation", "scale")
 
 
 def group_options(group: str, nested: bool = False) -> list[str]:

@@ -245,6 +245,10 @@ def test_cli_accepts_variants_and_rejects_typos(capsys):
     assert "unknown attack 'dbd/blendd'; known: " in capsys.readouterr().err
     assert "dbd/blended" in group_options("attack", nested=True)
     assert "dbd/blended" not in group_options("attack")  # registry <-> YAML stays one to one
+    check_overrides(["scale=ci"])
+    with pytest.raises(SystemExit):
+        check_overrides(["scale=cii"])
+    assert "unknown scale 'cii'; known: ci, default" in capsys.readouterr().err
 
 
 # --- reduced variants ------------------------------------------------------------------------
