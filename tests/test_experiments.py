@@ -1,6 +1,7 @@
 """Paper-table experiments (``conf/experiment/``): every job of each full-scale sweep carries the
 official hyper-parameters of ``results/reference/official_hparams.csv``; the ``_reduced``
-variants are the same grids at CPU scale; the reference CSVs are well-formed data."""
+variants are sub-grids of them at CPU scale (``scale=ci``); the reference CSVs are well-formed
+data."""
 
 from __future__ import annotations
 
@@ -264,8 +265,8 @@ def plain_job(attack: str, defense: str, *extra: str) -> dict:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_reduced_variant_is_the_plain_run_at_ci_scale(experiment):
     """Every reduced job is exactly the plain Fashion-MNIST run of its attack and defense with
-    ``scale=ci`` (same config, same run id), written to results/paper_reduced, so rows are shared
-    between the experiments; its attacks and defenses are among the full-scale grid's."""
+    ``scale=ci`` in fp32 (same config, same run id), written to results/paper_reduced, so rows are
+    shared between the experiments; its attacks and defenses are among the full-scale grid's."""
     reduced = f"{experiment}_reduced"
     full, small = sweep_params(experiment), sweep_params(reduced)
     assert set(small["defense"]) <= set(full["defense"]) and small["seed"] == ["0"]
@@ -273,7 +274,7 @@ def test_reduced_variant_is_the_plain_run_at_ci_scale(experiment):
     assert set(small["attack"]) <= full_names
     for attack, defense, cfg in jobs(reduced):
         assert cfg["results_dir"] == "results/paper_reduced"
-        plain = plain_job(attack, defense, "scale=ci")
+        plain = plain_job(attack, defense, "scale=ci", "amp=false")
         assert {k: v for k, v in cfg.items() if k != "results_dir"} == {
             k: v for k, v in plain.items() if k != "results_dir"}
         assert run_id(from_dict(cfg)) == run_id(from_dict(plain))
@@ -304,9 +305,27 @@ def test_ci_scale_only_shortens_the_costly_stages(defense):
 
 
 def test_default_scale_adds_nothing():
-    """The default scale is an empty config, so the main table's configs (and run ids) are what
-    they were before the group existed."""
+    """The default scale is an empty config and no defense preset is named for it, so the main
+    table's configs (and run ids) are what they were before the group existed."""
     assert yaml.safe_load((ROOT / "conf" / "scale" / "default.yaml").read_text()) is None
+    assert not list((ROOT / "conf" / "defense_scale").glob("*_default.yaml"))
+
+
+def test_every_defense_scale_file_is_used():
+    """Each ``conf/defense_scale/<defense>_<dataset>_<scale>.yaml`` names a real defense, dataset
+    and scale, and changes what that run composes (a misnamed file would be ignored silently)."""
+    files = sorted((ROOT / "conf" / "defense_scale").glob("*.yaml"))
+    assert files
+    scales = group_options("scale")
+    for f in files:
+        matches = [(d, ds, sc) for d in DEFENSES.names() for ds in DATASETS for sc in scales
+                   if f.stem == f"{d}_{ds}_{sc}"]
+        assert len(matches) == 1, f.name
+        d, ds, sc = matches[0]
+        base = OmegaConf.to_container(_compose((f"defense={d}", f"dataset={ds}")), resolve=True)
+        scaled = OmegaConf.to_container(
+            _compose((f"defense={d}", f"dataset={ds}", f"scale={sc}")), resolve=True)
+        assert base != scaled, f.name
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
