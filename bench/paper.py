@@ -99,11 +99,10 @@ _DBD_BA = ("the SCE linear head (5 epochs) fits the SimCLR features to about 66%
            "split_min_class_share_ep<k> = 0 for shirt at every epoch of the main table, and at "
            "scale=ci for epochs 1-4, after which the row records coat (class 4) as the empty "
            "class (one class is recorded); MixMatch learns such a class from guesses only "
-           "(shirt and coat accuracy 0.00 in the scale=ci BadNets and WaNet rows); with "
-           "5,000 random clean "
-           "samples as the labelled set instead, the main table's MixMatch stage reaches 0.873; "
-           "training the head longer or splitting per class lets the Blended samples into the "
-           "labelled set (ASR 1.0)")
+           "(shirt and coat accuracy 0.00 in the scale=ci BadNets and WaNet rows); with 5,000 "
+           "random clean samples as the labelled set instead, the main table's MixMatch stage "
+           "reaches 0.873; training the head longer or splitting per class lets the Blended "
+           "samples into the labelled set (ASR 1.0)")
 _ABL_ISO = ("isolation picks BadNets with precision 1.0 (recall 0.1) but its lowest 1% on Blended "
             "swings between precision 0.0 and 0.9 from epoch to epoch (easy clean samples reach "
             "a loss below 1e-6 too), and unlearning an isolated set of clean trousers erases "
