@@ -127,7 +127,41 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def hashed_config(cfg: RunConfig) -> dict[str, Any]:
+    """Everything that determines the result (not where or how it ran), as a plain dict: what
+    ``config_hash`` hashes and what a row stores as its ``config``."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in WHERE_KEYS}
+
+
+def hash_of(config: Mapping[str, Any]) -> str:
+    """The config hash of a ``hashed_config`` dict (12 hex digits of its SHA-256)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose value differs between two config dicts (``+key``: only in ``new``,
+    ``-key``: only in ``old``)."""
+    a, b = _flat(dict(old)), _flat(dict(new))
+    return sorted([f"-{k}" for k in a.keys() - b.keys()] + [f"+{k}" for k in b.keys() - a.keys()]
+                  + [k for k in a.keys() & b.keys() if a[k] != b[k]])
+
+
+def rebuild_diff(stored: Mapping[str, Any]) -> list[str]:
+    """How this version builds a row's stored config differently (``config_diff``; empty when
+    it rebuilds to the same hash). Raises ``ConfigError`` when it cannot build it at all (a key
+    it no longer knows)."""
+    return config_diff(stored, hashed_config(from_dict(stored)))
+
+
 def config_hash(cfg: RunConfig) -> str:
     """Hash of everything that determines the result (not where or how it ran)."""
-    what = {k: v for k, v in to_dict(cfg).items() if k not in WHERE_KEYS}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    return hash_of(hashed_config(cfg))

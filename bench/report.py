@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from omegaconf import DictConfig
 
+from bench.config import rebuild_diff
 from bench.errors import BenchError
 from bench.rows import atomic_write, latest_per_cell, load_results
 
@@ -193,6 +194,52 @@ def superseded_note(superseded: pd.DataFrame | None) -> list[str]:
     return [*lines, ""]
 
 
+def _compact_keys(keys: list[str]) -> str:
+    """``+a.b.x, +a.b.y`` → ``+a.b.{x, y}``."""
+    parents: dict[str, list[str]] = {}
+    for k in keys:
+        sign, path = (k[0], k[1:]) if k[0] in "+-" else ("", k)
+        head, _, leaf = path.rpartition(".")
+        parents.setdefault(f"{sign}{head}", []).append(leaf)
+    return ", ".join(f"{h}.{{{', '.join(v)}}}" if len(v) > 1 else f"{h}.{v[0]}".lstrip(".")
+                     for h, v in parents.items())
+
+
+def stale_note(ok: pd.DataFrame, results_dir: Path) -> list[str]:
+    """Rows of the tables whose stored config this version builds differently (keys added,
+    dropped or changed since they ran), grouped by those keys, and the rows that predate stored
+    configs. Such a row measured a config a rerun would not repeat exactly."""
+    groups: dict[str, dict[str, list[int]]] = {}
+    bare = 0
+    for _, row in ok.iterrows():
+        raw = row.get("config")
+        if not isinstance(raw, str) or not raw.strip():
+            bare += 1
+            continue
+        try:
+            diff = _compact_keys(rebuild_diff(json.loads(raw)))
+        except (ValueError, BenchError) as e:
+            diff = f"not buildable ({str(e).splitlines()[0][:120]})"
+        if diff:
+            cells = groups.setdefault(diff, {})
+            cells.setdefault(f"{row.attack}/{row.defense}", []).append(int(row.seed))
+    lines = []
+    if groups:
+        n = sum(len(seeds) for cells in groups.values() for seeds in cells.values())
+        lines += [f"{n} row{'s' if n != 1 else ''} ran under a config this version builds "
+                  "differently (+ a key added since, - dropped, else changed); `python -m "
+                  f"bench.rerun --check --results {results_dir}` names each row's commit:", ""]
+        for diff, cells in groups.items():
+            lines.append(f"- {diff}: " + ", ".join(
+                f"{c} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, sorted(v)))})"
+                for c, v in sorted(cells.items())))
+        lines += [""]
+    if bare:
+        lines += [f"{bare} row{'s' if bare != 1 else ''} predate{'s' if bare == 1 else ''} "
+                  "stored configs: only the config hash in the run id records what ran.", ""]
+    return lines
+
+
 def _where(ok: pd.DataFrame) -> pd.DataFrame:
     """Per row: ``hw`` (the recorded hardware, else missing), ``threads`` (the recorded thread count
     on a CPU, else NaN) and ``text``, where the row was computed in words."""
@@ -243,14 +290,16 @@ def mixed_compute_note(ok: pd.DataFrame) -> list[str]:
 
 
 def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok: int,
-             superseded: pd.DataFrame | None = None, mixed: list[str] | None = None) -> str:
-    """The whole ``leaderboard.md``; ``mixed`` is ``mixed_compute_note``'s lines."""
+             superseded: pd.DataFrame | None = None, mixed: list[str] | None = None,
+             stale: list[str] | None = None) -> str:
+    """The whole ``leaderboard.md``; ``mixed`` and ``stale`` are ``mixed_compute_note``'s and
+    ``stale_note``'s lines."""
     lines = [f"# Leaderboard — {results_dir}", "",
              f"{n_ok + len(failed)} runs: {n_ok} ok, {len(failed)} failed.", "", HEADER, ""]
     if not n_ok:
         lines += [f"**no successful runs in {results_dir}**", ""]
     return "\n".join(lines + failed_note(failed) + superseded_note(superseded) + (mixed or [])
-                     + _sections(board)).rstrip() + "\n"
+                     + (stale or []) + _sections(board)).rstrip() + "\n"
 
 
 def defense_colors(defenses: list[str]) -> dict[str, str]:
@@ -363,15 +412,17 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
     ok, superseded = latest_per_cell(ok)
     named = attack_settings(ok)
     board, mixed = leaderboard(named), mixed_compute_note(named)
+    stale = stale_note(ok, results_dir)
     notes = [f"no successful runs in {results_dir}"] if ok.empty else []
     notes += [f"{len(failed)} failed run(s), listed in leaderboard.md"] if len(failed) else []
     notes += ([f"{len(superseded)} superseded row(s) left out, listed in leaderboard.md"]
               if len(superseded) else [])
     notes += [mixed[0].rstrip(":") + ", listed in leaderboard.md"] if mixed else []
+    notes += [stale[0].split(";")[0] + ", listed in leaderboard.md"] if stale else []
     paths = {"leaderboard.csv": out / "leaderboard.csv", "leaderboard.md": out / "leaderboard.md"}
     atomic_write(paths["leaderboard.csv"], board.to_csv(index=False))
     atomic_write(paths["leaderboard.md"],
-                 markdown(board, failed, results_dir, len(ok), superseded, mixed))
+                 markdown(board, failed, results_dir, len(ok), superseded, mixed, stale))
     if not ok.empty:
         paths["ba_vs_asr.png"] = ba_vs_asr(board, out / "ba_vs_asr.png")
         paths["stage_cost.png"] = stage_cost(ok, out / "stage_cost.png")

@@ -32,7 +32,9 @@ IDENTITY = ["run_id", "dataset", "model", "attack", "defense", "poison_rate", "n
 METRICS = ["ba", "ba_nt", "asr", "ra", "iso_precision", "iso_recall", "n_suspects"]
 COST = ["wall_s", "stage_s", "peak_mem_mb", "device", "hardware", "threads"]
 OUTCOME = ["status", "error", "timestamp", "extra"]
-COLUMNS = IDENTITY + METRICS + COST + OUTCOME
+# the config the hash covers (``bench.config.hashed_config``), JSON: what ``bench.rerun`` rebuilds
+CONFIG = ["config"]
+COLUMNS = IDENTITY + METRICS + COST + OUTCOME + CONFIG
 
 
 @contextlib.contextmanager
@@ -110,7 +112,7 @@ def load_rows(results_dir: str | Path) -> pd.DataFrame:
     files = sorted((Path(results_dir) / "rows").glob("*.json"))
     rows = [r for r in map(read_row, files) if r is not None]
     df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
-    for c in ("stage_s", "extra"):
+    for c in ("stage_s", "extra", "config"):
         if c in df:
             df[c] = df[c].map(lambda v: json.dumps(v) if isinstance(v, dict) else v)
     return _tidy(df)

@@ -15,7 +15,7 @@ import torch
 
 import bench
 from bench import metrics
-from bench.config import RunConfig, config_hash, to_dict
+from bench.config import RunConfig, config_hash, hashed_config, to_dict
 from bench.data import ImageSet, load_dataset
 from bench.errors import BenchError
 from bench.logger import make_logger, tracked
@@ -112,7 +112,8 @@ def identity(cfg: RunConfig) -> dict:
             "attack": a.name if a else "none", "defense": cfg.defense.label,
             "poison_rate": a.poison_rate if a else 0.0, "target": a.target if a else None,
             "label_mode": a.label_mode if a else None, "seed": cfg.seed,
-            "config_hash": config_hash(cfg), "git_sha": git_sha(), "version": bench.__version__}
+            "config_hash": config_hash(cfg), "git_sha": git_sha(), "version": bench.__version__,
+            "config": hashed_config(cfg)}
 
 
 def excluded_target(cfg: RunConfig) -> int | None:

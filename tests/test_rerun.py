@@ -1,0 +1,122 @@
+"""Rows store the config their hash covers; bench.rerun rebuilds and reruns it, or says why not."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.config import config_diff, config_hash, from_dict, hash_of, hashed_config
+from bench.rerun import check, main
+from bench.rows import _EXACT_FLOATS, collect, load_results
+from bench.run import run_and_record
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_row_stores_the_config_its_hash_covers(tiny_cfg):
+    cfg = tiny_cfg("train.epochs=1")
+    row = run_and_record(cfg)
+    assert row["config"] == hashed_config(cfg) and hash_of(row["config"]) == row["config_hash"]
+    assert "results_dir" not in row["config"] and "threads" not in row["config"]
+    line = pd.read_csv(collect(cfg.results_dir)).iloc[0]
+    stored = json.loads(line.config)
+    assert hash_of(stored) == line.config_hash
+    assert config_hash(from_dict(stored)) == line.config_hash  # rebuilds to the same config
+
+
+def test_rerun_repeats_a_run_from_its_row(tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg("train.epochs=2", "threads=1")
+    row = run_and_record(cfg)
+    collect(cfg.results_dir)
+    out = tmp_path / "again"
+    assert main([row["run_id"], "--results", cfg.results_dir, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith("identical")
+    new = load_results(out)
+    assert list(new.run_id) == [row["run_id"]] and new.ba.iloc[0] == row["ba"]
+    assert new.asr.iloc[0] == row["asr"] and new.threads.iloc[0] == 1
+
+
+def _stale_csv(tiny_cfg, tmp_path) -> tuple[Path, str]:
+    """A results folder whose one row was computed before ``defense.variant`` existed: its
+    stored config lacks the key, and its hash and run id are those of that older config."""
+    cfg = tiny_cfg("train.epochs=1")
+    row = run_and_record(cfg)
+    collect(cfg.results_dir)
+    df = pd.read_csv(Path(cfg.results_dir) / "runs.csv", **_EXACT_FLOATS)
+    old = json.loads(df.config[0])
+    del old["defense"]["variant"]
+    h = hash_of(old)
+    df.loc[0, ["config", "config_hash", "run_id", "git_sha"]] = [
+        json.dumps(old), h, row["run_id"].rsplit("-", 1)[0] + f"-{h}", "abc1234"]
+    folder = tmp_path / "old"
+    folder.mkdir()
+    df.to_csv(folder / "runs.csv", index=False)
+    return folder, df.run_id[0]
+
+
+def test_check_and_rerun_name_the_keys_a_row_lacks(tiny_cfg, tmp_path, capsys):
+    folder, rid = _stale_csv(tiny_cfg, tmp_path)
+    lines = check(load_results(folder))
+    assert lines[0].startswith("1 rows: 0 rebuild to their config hash, 1 do not")
+    assert lines[1] == f"- {rid} (git abc1234): +defense.variant"
+    assert main([rid, "--results", str(folder), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "+defense.variant" in err and "check out git abc1234" in err
+    assert err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_rerun_refuses_rows_it_cannot_trust(tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg("train.epochs=1")
+    rid = run_and_record(cfg)["run_id"]
+    collect(cfg.results_dir)
+    csv = Path(cfg.results_dir) / "runs.csv"
+    (Path(cfg.results_dir) / "rows" / f"{rid}.json").unlink()  # only the csv line is left
+    df = pd.read_csv(csv, **_EXACT_FLOATS)
+    for edit, message in [(lambda d: d.assign(config=None), "predates stored configs"),
+                          (lambda d: d.assign(config=d.config.str.replace(
+                              '"epochs": 1', '"epochs": 3')), "edited by hand"),
+                          (lambda d: d.assign(config="{not json"), "not valid JSON")]:
+        edit(df).to_csv(csv, index=False)
+        assert main([rid, "--results", cfg.results_dir, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["nope", "--results", cfg.results_dir]) == 2
+    assert "no row nope" in capsys.readouterr().err
+    assert main(["--check", "--results", str(tmp_path / "empty")]) == 2
+
+
+def test_config_diff():
+    old = {"a": 1, "b": {"c": 2, "d": 3}}
+    assert config_diff(old, {"a": 1, "b": {"c": 2, "d": 3}}) == []
+    assert config_diff(old, {"a": 2, "b": {"c": 2, "e": 3}}) == ["+b.e", "-b.d", "a"]
+
+
+@pytest.mark.parametrize("folder", ["fashion_mnist", "paper_reduced", "fashion_mnist_avx512_bf16"])
+def test_committed_rows_store_the_config_they_ran(folder):
+    """Every committed row's stored config hashes to its config hash (two rows predate stored
+    configs and were not recovered); every reduced row rebuilds with this version, so the rows
+    CI computes and the committed ones shown beside them share their configs."""
+    df = pd.read_csv(REPO / "results" / folder / "runs.csv", **_EXACT_FLOATS)
+    stored = df[df.config.notna()]
+    assert len(df) - len(stored) <= 2
+    assert all(hash_of(json.loads(c)) == h for c, h in zip(stored.config, stored.config_hash,
+                                                           strict=True))
+    if folder == "paper_reduced":
+        assert check(df)[0].startswith(f"{len(df)} rows: {len(df)} rebuild")
+
+
+def test_leaderboard_lists_rows_this_version_builds_differently(tiny_cfg, tmp_path):
+    from bench.report import build
+
+    folder, _ = _stale_csv(tiny_cfg, tmp_path)
+    _, notes = build(folder)
+    md = (folder / "report" / "leaderboard.md").read_text()
+    assert "1 row ran under a config this version builds differently" in md
+    assert "- +defense.variant: badnets/none (seed 0)" in md
+    assert any(n.startswith("1 row ran under") for n in notes)
+    df = pd.read_csv(folder / "runs.csv", **_EXACT_FLOATS)
+    df.assign(config=None).to_csv(folder / "runs.csv", index=False)
+    build(folder)
+    md = (folder / "report" / "leaderboard.md").read_text()
+    assert "1 row predates stored configs" in md and "builds differently" not in md
