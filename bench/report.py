@@ -33,8 +33,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from omegaconf import DictConfig
 
-from bench.config import rebuild_diff
 from bench.errors import BenchError
+from bench.rerun import classify
 from bench.rows import atomic_write, latest_per_cell, load_results
 
 log = logging.getLogger("bench")
@@ -207,30 +207,31 @@ def _compact_keys(keys: list[str]) -> str:
 
 def stale_note(ok: pd.DataFrame, results_dir: Path) -> list[str]:
     """Rows of the tables whose stored config this version builds differently (keys added,
-    dropped or changed since they ran), grouped by those keys, and the rows that predate stored
-    configs. Such a row measured a config a rerun would not repeat exactly."""
+    dropped or changed since they ran), grouped by those keys; rows whose stored config cannot
+    be trusted; and the count of rows that predate stored configs (``bench.rerun.classify``).
+    Such a row measured a config a rerun would not repeat exactly."""
     groups: dict[str, dict[str, list[int]]] = {}
     bare = 0
     for _, row in ok.iterrows():
-        raw = row.get("config")
-        if not isinstance(raw, str) or not raw.strip():
+        kind, detail = classify(row)
+        if kind == "bare":
             bare += 1
             continue
-        try:
-            diff = _compact_keys(rebuild_diff(json.loads(raw)))
-        except (ValueError, BenchError) as e:
-            diff = f"not buildable ({str(e).splitlines()[0][:120]})"
-        if diff:
-            cells = groups.setdefault(diff, {})
-            cells.setdefault(f"{row.attack}/{row.defense}", []).append(int(row.seed))
+        if kind == "ok":
+            continue
+        key = (_compact_keys(detail.split(", ")) if kind == "stale" else
+               "not buildable by this version" if kind == "unbuildable" else
+               "stored config edited or unreadable")
+        groups.setdefault(key, {}).setdefault(f"{row.attack}/{row.defense}", []).append(
+            int(row.seed))
     lines = []
     if groups:
         n = sum(len(seeds) for cells in groups.values() for seeds in cells.values())
         lines += [f"{n} row{'s' if n != 1 else ''} ran under a config this version builds "
                   "differently (+ a key added since, - dropped, else changed); `python -m "
                   f"bench.rerun --check --results {results_dir}` names each row's commit:", ""]
-        for diff, cells in groups.items():
-            lines.append(f"- {diff}: " + ", ".join(
+        for key, cells in groups.items():
+            lines.append(f"- {key}: " + ", ".join(
                 f"{c} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, sorted(v)))})"
                 for c, v in sorted(cells.items())))
         lines += [""]
@@ -418,7 +419,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
     notes += ([f"{len(superseded)} superseded row(s) left out, listed in leaderboard.md"]
               if len(superseded) else [])
     notes += [mixed[0].rstrip(":") + ", listed in leaderboard.md"] if mixed else []
-    notes += [stale[0].split(";")[0] + ", listed in leaderboard.md"] if stale else []
+    notes += [stale[0].split(";")[0].rstrip(".:") + ", listed in leaderboard.md"] if stale else []
     paths = {"leaderboard.csv": out / "leaderboard.csv", "leaderboard.md": out / "leaderboard.md"}
     atomic_write(paths["leaderboard.csv"], board.to_csv(index=False))
     atomic_write(paths["leaderboard.md"],

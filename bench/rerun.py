@@ -22,17 +22,16 @@ import json
 import logging
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from bench.config import (
     RunConfig,
-    config_diff,
     config_hash,
     from_dict,
     hash_of,
-    hashed_config,
     rebuild_diff,
 )
 from bench.errors import BenchError
@@ -40,6 +39,11 @@ from bench.rows import load_results
 from bench.run import hardware, native_bf16, resolve_device, run_and_record
 
 COMPARED = ["ba", "ba_nt", "asr", "ra", "iso_precision", "iso_recall", "n_suspects"]
+
+
+def _sha(row: pd.Series) -> str:
+    sha = row.get("git_sha")
+    return sha if isinstance(sha, str) and sha else "unknown"
 
 
 def stored_config(row: pd.Series) -> dict | None:
@@ -54,31 +58,54 @@ def stored_config(row: pd.Series) -> dict | None:
     except ValueError as e:
         raise BenchError(f"row {row.run_id}: its config is not valid JSON ({e}); the row's "
                          f"file or runs.csv line was edited by hand") from e
-    return cfg if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        raise BenchError(f"row {row.run_id}: its config is not a JSON object; the row's file "
+                         "or runs.csv line was edited by hand")
+    return cfg
+
+
+def classify(row: pd.Series) -> tuple[str, str]:
+    """``(kind, detail)`` of a row's stored config under this version: ``ok`` (rebuilds to its
+    hash), ``bare`` (predates stored configs), ``edited`` (unreadable, or not the config of its
+    hash), ``stale`` (detail: the keys this version builds differently, ``config_diff``) or
+    ``unbuildable`` (detail: why)."""
+    try:
+        stored = stored_config(row)
+    except BenchError as e:
+        return "edited", str(e)
+    if stored is None:
+        return "bare", ""
+    if hash_of(stored) != str(row.config_hash):
+        return "edited", (f"row {row.run_id}: its stored config hashes to {hash_of(stored)}, "
+                          f"not {row.config_hash}; the row was edited by hand")
+    try:
+        diff = rebuild_diff(stored)
+    except (BenchError, TypeError) as e:
+        return "unbuildable", str(e).splitlines()[0][:200]
+    return ("stale", ", ".join(diff)) if diff else ("ok", "")
 
 
 def rebuild(row: pd.Series, where: dict | None = None) -> RunConfig:
     """The row's ``RunConfig`` as this version builds it, with ``where`` (results_dir, device,
     threads, …) added; raises ``BenchError`` unless it hashes to the row's ``config_hash``."""
-    stored = stored_config(row)
-    sha = row.get("git_sha") or "unknown"
-    if stored is None:
+    kind, detail = classify(row)
+    sha = _sha(row)
+    if kind == "bare":
         raise BenchError(f"row {row.run_id} predates stored configs: only its hash "
                          f"{row.config_hash} records its config; compose it with python -m bench "
                          f"and compare the run id, or check out git {sha} to rerun it")
-    if hash_of(stored) != row.config_hash:
-        raise BenchError(f"row {row.run_id}: its stored config hashes to {hash_of(stored)}, not "
-                         f"{row.config_hash}; the row was edited by hand")
-    try:
-        cfg = from_dict(stored | (where or {}))
-    except BenchError as e:
-        raise BenchError(f"row {row.run_id} no longer builds with this version ({e}); check "
-                         f"out git {sha} to rerun it") from e
-    if config_hash(cfg) != row.config_hash:
-        diff = config_diff(stored, hashed_config(cfg))
-        shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+    if kind == "edited":
+        raise BenchError(detail)
+    if kind == "unbuildable":
+        raise BenchError(f"row {row.run_id} no longer builds with this version ({detail}); "
+                         f"check out git {sha} to rerun it")
+    if kind == "stale":
+        keys = detail.split(", ")
+        shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
         raise BenchError(f"row {row.run_id}: this version builds its config differently "
                          f"({shown}); check out git {sha} to rerun it exactly")
+    cfg = from_dict(stored_config(row) | (where or {}))
+    assert config_hash(cfg) == row.config_hash  # classify said it rebuilds
     return cfg
 
 
@@ -117,28 +144,20 @@ def compare(old: pd.Series | dict, new: dict) -> tuple[list[str], bool]:
 
 
 def check(rows: pd.DataFrame) -> list[str]:
-    """One line per row this version cannot rebuild (its run id, the row's git sha and the keys
-    that differ), after a count."""
-    ok, stale, bare, broken = 0, [], 0, []
+    """A count, then one line per row this version cannot rebuild (its run id, the row's git sha
+    and the keys that differ, or why)."""
+    kinds = {k: [] for k in ("ok", "bare", "edited", "stale", "unbuildable")}
     for _, row in rows.iterrows():
-        stored = stored_config(row)
-        if stored is None:
-            bare += 1
-            continue
-        try:
-            rebuild(row)
-            ok += 1
-        except BenchError as e:
-            try:
-                diff = rebuild_diff(stored)
-            except BenchError:
-                broken.append(f"- {row.run_id}: {e}")
-                continue
-            stale.append(f"- {row.run_id} (git {row.get('git_sha')}): {', '.join(diff)}")
-    head = (f"{len(rows)} rows: {ok} rebuild to their config hash, {len(stale) + len(broken)} "
-            f"do not (keys this version adds +, drops - or changes), {bare} predate stored "
-            "configs (only their hash records the config)")
-    return [head, *stale, *broken]
+        kind, detail = classify(row)
+        kinds[kind].append(
+            f"- {row.run_id} (git {_sha(row)}): {detail}" if kind == "stale" else
+            f"- {row.run_id} (git {_sha(row)}): no longer builds: {detail}"
+            if kind == "unbuildable" else f"- {detail}")
+    bad = kinds["stale"] + kinds["unbuildable"] + kinds["edited"]
+    head = (f"{len(rows)} rows: {len(kinds['ok'])} rebuild to their config hash, {len(bad)} do "
+            f"not (keys this version adds +, drops - or changes), {len(kinds['bare'])} predate "
+            "stored configs (only their hash records the config)")
+    return [head, *bad]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_id", nargs="?", help="the row to rerun (its run_id)")
     p.add_argument("--results", default="results/fashion_mnist",
                    help="results folder holding the row (default: results/fashion_mnist)")
-    p.add_argument("--out", default="runs/rerun", help="where the rerun writes its row")
+    p.add_argument("--out", default="runs/rerun",
+                   help="where the rerun writes its row (not --results: it would replace it)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the row's; rows repeat only on the same count)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default: the row's)")
+    p.add_argument("--data-root", default=None, help="dataset files, as data_root of a run")
     p.add_argument("--check", action="store_true", help="list rows this version cannot rebuild")
     a = p.parse_args(argv)
     try:
@@ -161,29 +182,36 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not a.run_id:
             raise BenchError("name a run id to rerun, or pass --check")
+        if Path(a.out).resolve() == Path(a.results).resolve():
+            raise BenchError(f"--out {a.out} is the folder of the recorded row, which the rerun "
+                             "would replace; pass another --out")
         row = find_row(rows, a.run_id, a.results)
-        threads = a.threads if a.threads is not None else (
-            int(row.threads) if pd.notna(row.get("threads")) else None)
-        cfg = rebuild(row, {"results_dir": a.out, "device": a.device, "threads": threads,
-                            "force": True})
-        device = resolve_device(a.device)
+        old_threads = int(row.threads) if pd.notna(row.get("threads")) else None
+        was_device = row.get("device") if isinstance(row.get("device"), str) else "auto"
+        device_name = a.device or was_device.split(":")[0]
+        cfg = rebuild(row, {"results_dir": a.out, "device": device_name, "force": True,
+                            "threads": a.threads if a.threads is not None else old_threads,
+                            "data_root": a.data_root})
+        device = resolve_device(device_name)
         if cfg.amp is True and not native_bf16(device):
             sys.stderr.write(f"note: the row trained in bf16 and {hardware(device)} has no native "
                              "bf16, so this rerun emulates it (about ten times slower)\n")
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
         new = run_and_record(cfg)
         if new.get("status") != "ok":
-            raise BenchError(f"the rerun failed: {new.get('error')}")
+            msg = str(new.get("error") or "").strip().splitlines()
+            raise BenchError(f"the rerun failed ({msg[0] if msg else 'no error recorded'}); "
+                             f"its row is in {a.out}")
         lines, same = compare(row, new)
         here, was = hardware(device), row.get("hardware")
         was = was if isinstance(was, str) else "unrecorded hardware"
-        old_threads = int(row.threads) if pd.notna(row.get("threads")) else None
-        print(f"{a.run_id}: recorded on {was} with {old_threads} thread(s), rerun on {here} "
-              f"with {new.get('threads')}")
+        print(f"{a.run_id}: recorded ({row.get('status')}) on {was} with {old_threads} "
+              f"thread(s), rerun on {here} with {new.get('threads')}")
         print("\n".join(lines))
+        elsewhere = (here, new.get("threads")) != (was, old_threads)
         print("identical" if same else "differs" + (
-            "" if (here, new.get("threads")) == (was, old_threads)
-            else " (other hardware or thread count: bf16 rows differ between those)"))
+            "" if not elsewhere else " (on other hardware or another thread count"
+            + (": bf16 results differ between those)" if cfg.amp else ")")))
         return 0
     except BenchError as e:
         sys.stderr.write(f"error: {e}\n")

@@ -148,6 +148,10 @@ def latest_per_cell(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 _EXACT_FLOATS = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
 
 
+# identifiers that may look like numbers (a hash of digits, ``80928e890337``) stay text
+_TEXT = ("run_id", "config_hash", "git_sha")
+
+
 def _csv_rows(path: Path) -> pd.DataFrame | None:
     """The rows of an existing ``runs.csv``, floats read back exactly, or None when absent.
 
@@ -157,7 +161,7 @@ def _csv_rows(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        df = pd.read_csv(path, **_EXACT_FLOATS)
+        df = pd.read_csv(path, dtype=dict.fromkeys(_TEXT, str), **_EXACT_FLOATS)
         if "run_id" not in df.columns:
             raise ValueError("no run_id column")
         return df

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
+import bench.rerun
 from bench.config import config_diff, config_hash, from_dict, hash_of, hashed_config
 from bench.rerun import check, main
 from bench.rows import _EXACT_FLOATS, collect, load_results
@@ -25,17 +27,30 @@ def test_row_stores_the_config_its_hash_covers(tiny_cfg):
     assert config_hash(from_dict(stored)) == line.config_hash  # rebuilds to the same config
 
 
-def test_rerun_repeats_a_run_from_its_row(tiny_cfg, tmp_path, capsys):
+def test_rerun_repeats_a_run_from_its_row(tiny_cfg, tmp_path, capsys, monkeypatch):
     cfg = tiny_cfg("train.epochs=2", "threads=1")
     row = run_and_record(cfg)
     collect(cfg.results_dir)
     out = tmp_path / "again"
-    assert main([row["run_id"], "--results", cfg.results_dir, "--out", str(out)]) == 0
+    torch.set_num_threads(2)  # the rerun must take the row's thread count, not the process's
+    try:
+        assert main([row["run_id"], "--results", cfg.results_dir, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(1)
     text = capsys.readouterr().out
     assert text.rstrip().endswith("identical")
     new = load_results(out)
     assert list(new.run_id) == [row["run_id"]] and new.ba.iloc[0] == row["ba"]
     assert new.asr.iloc[0] == row["asr"] and new.threads.iloc[0] == 1
+    # a rerun that differs says so, metric by metric
+    real = bench.rerun.run_and_record
+    monkeypatch.setattr(bench.rerun, "run_and_record", lambda c: real(c) | {"ba": 0.0})
+    assert main([row["run_id"], "--results", cfg.results_dir, "--out", str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    assert "differs" in text.splitlines()[-1] and "  differs" in text.splitlines()[2]
+    # it never writes into the folder of the row it reruns
+    assert main([row["run_id"], "--results", cfg.results_dir, "--out", cfg.results_dir]) == 2
+    assert "would replace" in capsys.readouterr().err
 
 
 def _stale_csv(tiny_cfg, tmp_path) -> tuple[Path, str]:
@@ -120,3 +135,29 @@ def test_leaderboard_lists_rows_this_version_builds_differently(tiny_cfg, tmp_pa
     build(folder)
     md = (folder / "report" / "leaderboard.md").read_text()
     assert "1 row predates stored configs" in md and "builds differently" not in md
+
+
+def test_check_lists_rows_it_cannot_build_or_read(tiny_cfg, tmp_path, capsys):
+    from bench.report import stale_note
+
+    folder, rid = _stale_csv(tiny_cfg, tmp_path)
+    df = pd.read_csv(folder / "runs.csv", **_EXACT_FLOATS)
+    gone = json.loads(df.config[0]) | {"retired_key": 1}  # a key this version does not know
+    h = hash_of(gone)
+    df.loc[0, ["config", "config_hash", "run_id"]] = [json.dumps(gone), h, rid[:-12] + h]
+    two = pd.concat([df, df.assign(run_id="x", config="[1, 2]")], ignore_index=True)
+    two.to_csv(folder / "runs.csv", index=False)
+    lines = check(load_results(folder))
+    assert lines[0].startswith("2 rows: 0 rebuild to their config hash, 2 do not")
+    assert "no longer builds" in lines[1] and "retired_key" in lines[1]
+    assert "not a JSON object" in lines[2]
+    note = "\n".join(stale_note(load_results(folder), folder))
+    assert "- not buildable by this version: badnets/none (seed 0)" in note
+    assert "- stored config edited or unreadable: badnets/none (seed 0)" in note
+
+
+def test_identifiers_that_look_like_numbers_stay_text(tmp_path):
+    pd.DataFrame({"run_id": ["1"], "config_hash": ["80928e890337"], "git_sha": ["1234567"],
+                  "status": ["ok"]}).to_csv(tmp_path / "runs.csv", index=False)
+    row = load_results(tmp_path).iloc[0]
+    assert (row.run_id, row.config_hash, row.git_sha) == ("1", "80928e890337", "1234567")
