@@ -213,14 +213,14 @@ def stale_note(ok: pd.DataFrame, results_dir: Path) -> list[str]:
     groups: dict[str, dict[str, list[int]]] = {}
     bare = 0
     for _, row in ok.iterrows():
-        kind, detail = classify(row)
-        if kind == "bare":
+        st = classify(row)
+        if st.kind == "bare":
             bare += 1
             continue
-        if kind == "ok":
+        if st.kind == "ok":
             continue
-        key = (_compact_keys(detail.split(", ")) if kind == "stale" else
-               "not buildable by this version" if kind == "unbuildable" else
+        key = (_compact_keys(list(st.keys)) if st.kind == "stale" else
+               "not buildable by this version" if st.kind == "unbuildable" else
                "stored config edited or unreadable")
         groups.setdefault(key, {}).setdefault(f"{row.attack}/{row.defense}", []).append(
             int(row.seed))

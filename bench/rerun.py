@@ -20,20 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
-from bench.config import (
-    RunConfig,
-    config_hash,
-    from_dict,
-    hash_of,
-    rebuild_diff,
-)
+from bench.config import RunConfig, config_hash, from_dict, hash_of, rebuild_diff
 from bench.errors import BenchError
 from bench.rows import load_results
 from bench.run import hardware, native_bf16, resolve_device, run_and_record
@@ -64,47 +57,55 @@ def stored_config(row: pd.Series) -> dict | None:
     return cfg
 
 
-def classify(row: pd.Series) -> tuple[str, str]:
-    """``(kind, detail)`` of a row's stored config under this version: ``ok`` (rebuilds to its
-    hash), ``bare`` (predates stored configs), ``edited`` (unreadable, or not the config of its
-    hash), ``stale`` (detail: the keys this version builds differently, ``config_diff``) or
-    ``unbuildable`` (detail: why)."""
+class Status(NamedTuple):
+    """A row's stored config under this version (``classify``)."""
+
+    kind: str  # ok | bare | edited | stale | unbuildable
+    detail: str = ""  # why, for edited and unbuildable
+    keys: tuple[str, ...] = ()  # stale: the keys this version builds differently (config_diff)
+    config: dict | None = None  # the stored config, where readable
+
+
+def classify(row: pd.Series) -> Status:
+    """How this version treats a row's stored config: ``ok`` (rebuilds to its hash), ``bare``
+    (predates stored configs), ``edited`` (unreadable, or not the config of its hash),
+    ``stale`` (builds differently) or ``unbuildable``."""
     try:
         stored = stored_config(row)
     except BenchError as e:
-        return "edited", str(e)
+        return Status("edited", str(e))
     if stored is None:
-        return "bare", ""
+        return Status("bare")
     if hash_of(stored) != str(row.config_hash):
-        return "edited", (f"row {row.run_id}: its stored config hashes to {hash_of(stored)}, "
-                          f"not {row.config_hash}; the row was edited by hand")
+        return Status("edited", f"row {row.run_id}: its stored config hashes to "
+                                f"{hash_of(stored)}, not {row.config_hash}; the row was edited "
+                                "by hand", config=stored)
     try:
         diff = rebuild_diff(stored)
     except (BenchError, TypeError) as e:
-        return "unbuildable", str(e).splitlines()[0][:200]
-    return ("stale", ", ".join(diff)) if diff else ("ok", "")
+        return Status("unbuildable", str(e).splitlines()[0][:200], config=stored)
+    return Status("stale" if diff else "ok", keys=tuple(diff), config=stored)
 
 
 def rebuild(row: pd.Series, where: dict | None = None) -> RunConfig:
     """The row's ``RunConfig`` as this version builds it, with ``where`` (results_dir, device,
     threads, …) added; raises ``BenchError`` unless it hashes to the row's ``config_hash``."""
-    kind, detail = classify(row)
-    sha = _sha(row)
-    if kind == "bare":
+    st, sha = classify(row), _sha(row)
+    if st.kind == "bare":
         raise BenchError(f"row {row.run_id} predates stored configs: only its hash "
                          f"{row.config_hash} records its config; compose it with python -m bench "
                          f"and compare the run id, or check out git {sha} to rerun it")
-    if kind == "edited":
-        raise BenchError(detail)
-    if kind == "unbuildable":
-        raise BenchError(f"row {row.run_id} no longer builds with this version ({detail}); "
+    if st.kind == "edited":
+        raise BenchError(st.detail)
+    if st.kind == "unbuildable":
+        raise BenchError(f"row {row.run_id} no longer builds with this version ({st.detail}); "
                          f"check out git {sha} to rerun it")
-    if kind == "stale":
-        keys = detail.split(", ")
-        shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    if st.kind == "stale":
+        shown = ", ".join(st.keys[:6]) + (f" and {len(st.keys) - 6} more"
+                                          if len(st.keys) > 6 else "")
         raise BenchError(f"row {row.run_id}: this version builds its config differently "
                          f"({shown}); check out git {sha} to rerun it exactly")
-    cfg = from_dict(stored_config(row) | (where or {}))
+    cfg = from_dict(st.config | (where or {}))
     assert config_hash(cfg) == row.config_hash  # classify said it rebuilds
     return cfg
 
@@ -118,17 +119,13 @@ def find_row(rows: pd.DataFrame, run_id: str, results: str) -> pd.Series:
     return hit.iloc[0]
 
 
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
 def _fmt(v: Any) -> str:
-    return "-" if _missing(v) else f"{float(v):.4f}".rstrip("0").rstrip(".")
+    return "-" if pd.isna(v) else f"{float(v):.4f}".rstrip("0").rstrip(".")
 
 
 def _same(a: Any, b: Any) -> bool:
-    if _missing(a) or _missing(b):
-        return _missing(a) and _missing(b)
+    if pd.isna(a) or pd.isna(b):
+        return pd.isna(a) and pd.isna(b)
     return float(a) == float(b)
 
 
@@ -146,13 +143,13 @@ def compare(old: pd.Series | dict, new: dict) -> tuple[list[str], bool]:
 def check(rows: pd.DataFrame) -> list[str]:
     """A count, then one line per row this version cannot rebuild (its run id, the row's git sha
     and the keys that differ, or why)."""
-    kinds = {k: [] for k in ("ok", "bare", "edited", "stale", "unbuildable")}
+    kinds: dict[str, list[str]] = {k: [] for k in ("ok", "bare", "edited", "stale", "unbuildable")}
     for _, row in rows.iterrows():
-        kind, detail = classify(row)
-        kinds[kind].append(
-            f"- {row.run_id} (git {_sha(row)}): {detail}" if kind == "stale" else
-            f"- {row.run_id} (git {_sha(row)}): no longer builds: {detail}"
-            if kind == "unbuildable" else f"- {detail}")
+        st = classify(row)
+        kinds[st.kind].append(
+            f"- {row.run_id} (git {_sha(row)}): {', '.join(st.keys)}" if st.kind == "stale" else
+            f"- {row.run_id} (git {_sha(row)}): no longer builds: {st.detail}"
+            if st.kind == "unbuildable" else f"- {st.detail}")
     bad = kinds["stale"] + kinds["unbuildable"] + kinds["edited"]
     head = (f"{len(rows)} rows: {len(kinds['ok'])} rebuild to their config hash, {len(bad)} do "
             f"not (keys this version adds +, drops - or changes), {len(kinds['bare'])} predate "
