@@ -94,14 +94,15 @@ def cache_key(parts: Any) -> str:
 
 
 def builder(ctx: PrepareContext) -> list:
-    """What computes a cached resource, part of its key: the hardware and, on a CPU, the thread
-    count. bf16 training on a CPU depends on both (oneDNN's kernels and reduction order differ):
-    a surrogate trained with two threads gives another trigger than one trained with one, so a
-    run only ever reuses what a run with its own thread count and hardware built, and its row
-    repeats whichever runs filled the cache first."""
+    """What computes a cached resource, part of its key: the hardware, the memory format
+    (``channels_last`` picks other convolution kernels, so other rounding) and, on a CPU, the
+    thread count. bf16 training on a CPU depends on the threads too (oneDNN's kernels and
+    reduction order differ): a surrogate trained with two threads gives another trigger than one
+    trained with one. So a run only ever reuses what a run with its own settings built, and its
+    row never depends on which run filled the cache first."""
     if torch.device(ctx.device).type == "cpu":
-        return [ctx.hardware, torch.get_num_threads()]
-    return [ctx.hardware]
+        return [ctx.hardware, torch.get_num_threads(), bool(ctx.channels_last)]
+    return [ctx.hardware, bool(ctx.channels_last)]
 
 
 def _path(ctx: PrepareContext, name: str, key: str) -> Path | None:

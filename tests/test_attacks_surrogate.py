@@ -329,10 +329,10 @@ def test_cached_tensor_recovers_from_bad_files(tmp_path, caplog):
     assert torch.equal(uncached, build())
 
 
-def test_cache_is_per_thread_count_and_hardware(data, tmp_path, monkeypatch):
-    """On a CPU a cached surrogate or trigger is reused only by runs with the thread count and
-    hardware that built it (bf16 training differs with both), so a row never depends on which
-    run filled the cache first; on a GPU the thread count plays no part."""
+def test_cache_is_per_thread_count_hardware_and_memory_format(data, tmp_path, monkeypatch):
+    """On a CPU a cached surrogate or trigger is reused only by runs with the thread count,
+    hardware and memory format that built it (training differs with each), so a row never
+    depends on which run filled the cache first; on a GPU the thread count plays no part."""
     train, _ = data
     calls = []
 
@@ -340,19 +340,21 @@ def test_cache_is_per_thread_count_and_hardware(data, tmp_path, monkeypatch):
         calls.append(1)
         return torch.ones(2)
 
-    def get(threads, hw="isa-A", device="cpu"):
+    def get(threads, hw="isa-A", device="cpu", channels_last=False):
         monkeypatch.setattr(S.torch, "get_num_threads", lambda: threads)
-        ctx = PrepareContext(cache_dir=str(tmp_path), hardware=hw, device=device)
+        ctx = PrepareContext(cache_dir=str(tmp_path), hardware=hw, device=device,
+                             channels_last=channels_last)
         S.cached_tensor(["who"], build, ctx, name="res")
         return S.builder(ctx)
 
-    assert get(2) == ["isa-A", 2] and len(calls) == 1
+    assert get(2) == ["isa-A", 2, False] and len(calls) == 1
     get(2)
     assert len(calls) == 1  # same builder: hit
     get(1)
     get(2, hw="isa-B")
-    assert len(calls) == 3 and len(list(tmp_path.glob("res-*.pt"))) == 3
-    assert S.builder(PrepareContext(device="cuda", hardware="GPU")) == ["GPU"]
+    get(2, channels_last=True)
+    assert len(calls) == 4 and len(list(tmp_path.glob("res-*.pt"))) == 4
+    assert S.builder(PrepareContext(device="cuda", hardware="GPU")) == ["GPU", False]
     kw = {"width": 0.25, "epochs": 1, "purpose": "t"}
     for threads in (1, 2):
         monkeypatch.setattr(S.torch, "get_num_threads", lambda t=threads: t)
