@@ -56,6 +56,20 @@ class TrainCfg:
     eval_batch_size: int = 1024
 
 
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+
+
+def onednn_unsafe_convs(model: nn.Module) -> list[str]:
+    """Names of ``model``'s convolutions that fp32 channels-last training on a CPU must avoid:
+    1×1, strided, fewer than 16 input channels. oneDNN's weight-gradient kernel for them writes
+    past its workspace (uxlfoundation/oneDNN#6035: with torch 2.14.1 on an AVX2 CPU, 2 to 7 input
+    channels corrupt the heap, e.g. ``cnn_small`` at width 0.25; 16 is the AVX-512 block)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+            and m.in_channels < 16]
+
+
 class Engine:
     """Device, precision and input preparation shared by every stage of a run."""
 
@@ -88,9 +102,20 @@ class Engine:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def place(self, model: nn.Module) -> nn.Module:
+        """``model`` on the engine's device, in channels-last layout if the engine uses it. In
+        fp32 on a CPU the convolutions of ``onednn_unsafe_convs`` stay in the default layout
+        and get their input in it (a pre-hook), so training them cannot hit the oneDNN bug."""
         model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        if not self.channels_last:
+            return model
+        model = model.to(memory_format=torch.channels_last)
+        if self.device.type == "cpu" and not self.amp:
+            for name in onednn_unsafe_convs(model):
+                conv = model.get_submodule(name)
+                conv.to(memory_format=torch.contiguous_format)
+                if not getattr(conv, "_bench_contiguous_input", False):
+                    conv.register_forward_pre_hook(_contiguous_input)
+                    conv._bench_contiguous_input = True
         return model
 
     def bar(self, iterable, **kw):

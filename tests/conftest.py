@@ -10,10 +10,10 @@ from omegaconf import OmegaConf
 from bench.config import RunConfig, from_dict
 from bench.data import ImageSet
 
-# channels_last off: in fp32 on CPU, oneDNN's 1x1 stride-2 convolution computes its weight
-# gradient past its workspace for channels-last inputs with fewer input channels than its block
-# (uxlfoundation/oneDNN#6035); cnn_small at width 0.25 has 4 and 8 in its shortcuts, and with two
-# threads the tiny DLP runs corrupted the heap. Full-width models and bf16 runs are not affected.
+# channels_last off: the tiny runs were written against the plain layout (ABL's planted-poison
+# isolation, for one, lands elsewhere in channels-last). Their cnn_small at width 0.25 has 1x1
+# stride-2 shortcuts with 4 and 8 input channels, where fp32 channels-last training corrupts the
+# heap in oneDNN (uxlfoundation/oneDNN#6035); the engine guards that (onednn_unsafe_convs).
 TINY = ["dataset=synthetic", "model.kwargs.width=0.25", "train.epochs=2", "progress=false",
         "dataset.synthetic.n_train=600", "dataset.synthetic.n_test=200", "amp=false",
         "channels_last=false", "train.augment.crop_pad=0"]

@@ -156,3 +156,59 @@ def test_timm_errors():
         create_model("timm/resnet10t", num_classes=10, pretrained=True)
     with pytest.raises(ModelError, match="bad kwargs"):
         create_model("timm/resnet10t", num_classes=10, bogus_option=1)
+
+
+def test_engine_keeps_onednn_unsafe_convs_out_of_channels_last():
+    """fp32 channels-last training on a CPU corrupts the heap in oneDNN's 1x1 strided
+    convolutions with few input channels (cnn_small at width 0.25: 4 and 8). The engine keeps
+    exactly those in the default layout, feeds them contiguous input, and training then runs;
+    full-width models are placed as before."""
+    from bench.train import Engine, onednn_unsafe_convs
+
+    assert onednn_unsafe_convs(create_model("cnn_small", 10, 1)) == []
+    narrow = create_model("cnn_small", 10, 1, width=0.25)
+    unsafe = onednn_unsafe_convs(narrow)
+    assert [narrow.get_submodule(n).in_channels for n in unsafe] == [4, 8]
+    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=True)
+    placed = eng.place(narrow)
+    seen = {}
+    for name, m in placed.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.in_channels > 1:  # a one-channel weight has no layout to tell apart
+                default = torch.empty(m.weight.shape).stride()
+                assert (m.weight.stride() == default) == (name in unsafe), name
+            m.register_forward_hook(lambda mod, a, out, n=name: seen.__setitem__(
+                n, a[0].is_contiguous() and a[0].shape[1] > 1))
+    placed(eng.prep(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)))
+    assert [n for n, contiguous in seen.items() if contiguous] == unsafe  # the pre-hook's work
+    bf16 = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=True, channels_last=True)
+    conv = bf16.place(create_model("cnn_small", 10, 1, width=0.25)).get_submodule(unsafe[0])
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # bf16: not affected
+
+
+def test_narrow_model_trains_in_fp32_channels_last():
+    """The crash itself, in a child process (it aborts the interpreter): 30 steps of cnn_small
+    at width 0.25 placed by the engine with channels_last, fp32, batch 64."""
+    import subprocess
+    import sys
+
+    code = """if 1:
+        import torch
+        from bench.models import create_model
+        from bench.train import Engine
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=True)
+        m = eng.place(create_model("cnn_small", 10, 1, width=0.25))
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        for _ in range(30):
+            x = eng.prep(torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8))
+            loss = m(x).logsumexp(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print("trained", torch.isfinite(loss).item())
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "trained True" in out.stdout, out.stderr[-500:]
