@@ -114,6 +114,7 @@ Ours (not in the paper):
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -258,6 +259,9 @@ class DLPParams:
 
 
 def _check(p: DLPParams) -> None:
+    if p.supervised.eval_batch_size < 1:
+        raise ConfigError(f"dlp supervised.eval_batch_size must be >= 1, got "
+                          f"{p.supervised.eval_batch_size}")
     if p.filter.mode not in ("dominant_class", "global"):
         raise ConfigError(f"dlp filter.mode must be dominant_class or global, got "
                           f"'{p.filter.mode}'")
@@ -473,7 +477,10 @@ def _budget(cfg: SemiCfg, r: int) -> float:
 @DEFENSES.register("dlp", DLPParams)
 def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
     _check(p)
-    eng, extra = ctx.engine, {}
+    # every inference pass of the defense (entropy, features, losses, accuracy) in batches of
+    # supervised.eval_batch_size, as DBD uses its linear.eval_batch_size
+    eng, extra = copy.copy(ctx.engine), {}
+    eng.eval_batch_size = p.supervised.eval_batch_size
     norm = p.supervised.normalize
     model = eng.place(ctx.make_model())
 
@@ -525,8 +532,9 @@ def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
                 by_disowned, own_info = disowned_filter(early, data.y, p.filter)
                 info |= own_info | {"filter_class": own_info["disowned_class"]}
                 suspects = by_disowned
-        if not p.filter.enabled:
+        if not p.filter.enabled:  # computed for the log, but nothing is flagged
             suspects = torch.zeros_like(suspects)
+            info["filter_class"] = -1.0
         cut = suspects
         by_entropy = cut if by_late is None and by_disowned is None else torch.zeros_like(cut)
         if p.filter.expand and suspects.any():

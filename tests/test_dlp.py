@@ -294,7 +294,8 @@ def test_defense_cannot_reach_ground_truth():
                                        ("filter", {"disowned_agree": 0.0}),
                                        ("filter", {"disowned_agree": 1.5}),
                                        ("filter", {"disowned_min_share": 0.0}),
-                                       ("filter", {"disowned_min_share": 1.0})])
+                                       ("filter", {"disowned_min_share": 1.0}),
+                                       ("supervised", {"eval_batch_size": 0})])
 def test_bad_params_are_config_errors(key, value):
     from defenses.dlp import _check
 
@@ -345,6 +346,36 @@ def test_dlp_end_to_end_with_ablation_switches(tiny_cfg):
     assert "unlearn_steps" not in no_unlearn["extra"]
     no_filter = run(tiny_cfg(*SMALL, "+ablation=dlp_no_filter"))
     assert no_filter["n_suspects"] == 0 and "unlearn" not in no_filter["stage_s"]
+    assert no_filter["extra"]["filter_class"] == -1  # nothing flagged, none named
+
+
+def test_inference_passes_use_the_supervised_eval_batch_size():
+    """supervised.eval_batch_size sets the batches of every inference pass of the defense, not
+    the run's train.eval_batch_size (the engine's)."""
+    from dataclasses import replace
+
+    from bench.stages import StageTimer
+    from bench.train import TrainCfg
+    from defenses.base import DefenseContext
+
+    data, _ = planted_backdoor()
+    seen = []
+
+    def make_model():
+        from bench.models import create_model
+
+        torch.manual_seed(0)
+        m = create_model("cnn_small", data.num_classes, 1, width=0.25)
+        m.register_forward_pre_hook(lambda mod, a: seen.append(len(a[0])) if not mod.training
+                                    else None)
+        return m
+
+    p = DLPParams()
+    p = replace(p, supervised=replace(p.supervised, epochs=2, batch_size=32, eval_batch_size=7),
+                unlearn=replace(p.unlearn, enabled=False), semi=replace(p.semi, enabled=False))
+    ctx = DefenseContext(engine(), TrainCfg(), make_model, 0, StageTimer(CPU))
+    dlp(data, p, ctx)
+    assert seen and max(seen) == 7 and ctx.engine.eval_batch_size == 1024
 
 
 def test_dlp_falls_back_on_the_late_filter_when_no_class_is_separable(tiny_cfg):
