@@ -10,10 +10,10 @@ from omegaconf import OmegaConf
 from bench.config import RunConfig, from_dict
 from bench.data import ImageSet
 
-# channels_last off: the tiny runs were written against the plain layout (ABL's planted-poison
-# isolation, for one, lands elsewhere in channels-last). Their cnn_small at width 0.25 has 1x1
-# stride-2 shortcuts with 4 and 8 input channels, where fp32 channels-last training corrupts the
-# heap in oneDNN (uxlfoundation/oneDNN#6035); the engine guards that (onednn_unsafe_convs).
+# channels_last off: the plain layout the tiny runs were written with. Their cnn_small at width
+# 0.25 has 1x1 stride-2 shortcuts with 4 and 8 input channels, where fp32 channels-last training
+# corrupts the heap in oneDNN (uxlfoundation/oneDNN#6035); the engine now keeps those in the
+# plain layout (onednn_unsafe_convs), and the whole suite also passes with channels_last on.
 TINY = ["dataset=synthetic", "model.kwargs.width=0.25", "train.epochs=2", "progress=false",
         "dataset.synthetic.n_train=600", "dataset.synthetic.n_test=200", "amp=false",
         "channels_last=false", "train.augment.crop_pad=0"]
