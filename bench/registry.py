@@ -20,6 +20,7 @@ class Entry(Generic[T]):
     name: str
     obj: T
     params: type | None
+    check: Callable[[Any], None] | None = None
 
 
 class Registry(Generic[T]):
@@ -29,11 +30,14 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, params: type | None = None) -> Callable[[T], T]:
+    def register(self, name: str, params: type | None = None,
+                 check: Callable[[Any], None] | None = None) -> Callable[[T], T]:
+        """``check(params)`` (optional) raises ``ConfigError`` on values the component cannot
+        run with; ``params`` calls it, so a bad value fails when the config is built."""
         def deco(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} '{name}' registered twice")
-            self._entries[name] = Entry(name, obj, params)
+            self._entries[name] = Entry(name, obj, params, check)
             return obj
 
         return deco
@@ -47,12 +51,20 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def params(self, name: str, values: Mapping[str, Any] | None) -> Any:
-        """Build the params dataclass of ``name`` from a mapping; unknown keys are an error."""
-        return build_params(self.get(name).params, values or {}, f"{self.kind} '{name}'")
+        """Build the params dataclass of ``name`` from a mapping; unknown keys and values its
+        check rejects are an error."""
+        entry = self.get(name)
+        params = build_params(entry.params, values or {}, f"{self.kind} '{name}'")
+        if entry.check is not None:
+            entry.check(params)
+        return params
 
 
-def build_params(cls: type | None, values: Mapping[str, Any], owner: str) -> Any:
-    """Instantiate a (possibly nested) frozen dataclass from a plain mapping, strictly."""
+def build_params(cls: type | None, values: Mapping[str, Any], owner: str,
+                 base: Any = None) -> Any:
+    """Instantiate a (possibly nested) frozen dataclass from a plain mapping, strictly. Keys
+    the mapping leaves out keep ``base``'s values (a nested section's default instance, e.g.
+    ABL's isolation recipe), else the class defaults."""
     if cls is None:
         if values:
             raise ConfigError(f"{owner} takes no parameters; got {', '.join(sorted(values))}")
@@ -71,10 +83,13 @@ def build_params(cls: type | None, values: Mapping[str, Any], owner: str) -> Any
         if default is dataclasses.MISSING and factory is not dataclasses.MISSING:
             default = factory()
         if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
-            value = build_params(type(default), value, f"{owner}.{key}")
+            value = build_params(type(default), value, f"{owner}.{key}", base=default)
         elif isinstance(value, list):
             value = tuple(value)
         elif isinstance(ftype, str) and ftype == "float" and isinstance(value, int):
             value = float(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
+    except ConfigError as e:  # a dataclass's own validation: say which section it was
+        raise ConfigError(f"{owner}: {e}") from None

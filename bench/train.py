@@ -22,6 +22,8 @@ from bench.augment import AugmentCfg, augment
 from bench.errors import ConfigError, DivergedError
 
 log = logging.getLogger("bench")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "multistep", "constant")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -54,6 +56,18 @@ class TrainCfg:
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     normalize: bool = True
     eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        """Reject impossible values when the config is built, before any data or attack work
+        (``build_params`` prefixes the section, e.g. ``train`` or ``defense 'abl'.finetune``)."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer '{self.optimizer}'; known: "
+                              f"{', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule '{self.schedule}'; known: {', '.join(SCHEDULES)}")
+        if self.epochs < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError(f"epochs must be >= 0 and batch_size, eval_batch_size >= 1 (got "
+                              f"{self.epochs}, {self.batch_size}, {self.eval_batch_size})")
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:

@@ -175,7 +175,7 @@ def _check(p: DBDParams) -> None:
                           "not linear.normalize")
 
 
-@DEFENSES.register("dbd", DBDParams)
+@DEFENSES.register("dbd", DBDParams, check=_check)
 def dbd(data: ImageSet, p: DBDParams, ctx: DefenseContext) -> DefenseResult:
     _check(p)
     eng, extra = ctx.engine, {}

@@ -474,7 +474,7 @@ def _budget(cfg: SemiCfg, r: int) -> float:
     return cfg.budget + (cfg.budget_final - cfg.budget) * r / (cfg.rounds - 1)
 
 
-@DEFENSES.register("dlp", DLPParams)
+@DEFENSES.register("dlp", DLPParams, check=_check)
 def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
     _check(p)
     # every inference pass of the defense (entropy, features, losses, accuracy) in batches of

@@ -116,7 +116,7 @@ def test_isolation_picks_planted_fast_learned_samples(seed):
     eng = Engine(torch.device("cpu"), data.mean, data.std, amp=False, channels_last=False)
     p = ABLParams(isolation_ratio=0.05)
     p = replace(p, isolation=replace(p.isolation, epochs=3, batch_size=64),
-                finetune=replace(p.finetune, epochs=1), unlearn=replace(p.unlearn, epochs=1))
+                finetune=replace(p.finetune, epochs=0), unlearn=replace(p.unlearn, epochs=0))
 
     def make_model():
         torch.manual_seed(seed)
@@ -125,7 +125,9 @@ def test_isolation_picks_planted_fast_learned_samples(seed):
     ctx = DefenseContext(eng, TrainCfg(), make_model, seed, StageTimer(torch.device("cpu")))
     flagged = abl(data, p, ctx).suspects["isolation"]
     assert int(flagged.sum()) == 50
-    assert poisoned[flagged].float().mean() >= 0.9  # precision; recall is then >= 0.45
+    # Precision (recall is then >= 0.43). Seeds 0-5 give 0.88-1.00 with one thread and
+    # 0.94-1.00 with two (float sums differ); with 0 isolation epochs it is 0.00-0.10.
+    assert poisoned[flagged].float().mean() >= 0.85
 
 
 def test_abl_end_to_end_row(abl_row):
@@ -149,3 +151,74 @@ def test_unlearning_raises_loss_on_isolated_set():
         hflip=False, loss_fn=negative_ce)
     after = per_sample_loss(model, x, y, eng).mean()
     assert after > before * 1.3
+
+
+def _tiny_abl(seed: int = 0):
+    from dataclasses import replace
+
+    from bench.models import create_model
+    from bench.stages import StageTimer
+    from bench.train import Engine, TrainCfg
+    from defenses.abl import ABLParams
+    from defenses.base import DefenseContext
+
+    data, poisoned = planted(seed, n=300)
+    eng = Engine(torch.device("cpu"), data.mean, data.std, amp=False, channels_last=False)
+    p = ABLParams(isolation_ratio=0.1)
+    p = replace(p, isolation=replace(p.isolation, epochs=0), finetune=replace(p.finetune, epochs=0),
+                unlearn=replace(p.unlearn, epochs=0))
+    eval_batches = []
+
+    def make_model():
+        torch.manual_seed(seed)
+        model = create_model("cnn_small", 4, 1, width=0.25)
+        model.register_forward_pre_hook(
+            lambda m, args: eval_batches.append(len(args[0])) if not m.training else None)
+        return model
+
+    ctx = DefenseContext(eng, TrainCfg(), make_model, seed, StageTimer(torch.device("cpu")))
+    return data, p, ctx, eval_batches
+
+
+def test_isolation_pass_uses_isolation_eval_batch_size():
+    from dataclasses import replace
+
+    data, p, ctx, eval_batches = _tiny_abl()
+    abl(data, replace(p, isolation=replace(p.isolation, eval_batch_size=128)), ctx)
+    assert eval_batches == [128, 128, 44]  # 300 samples; the run's default would be one 300
+
+
+@pytest.mark.parametrize("optimizer, schedule", [("adam", "constant"), ("sgd", "multistep")])
+def test_joint_unlearning_uses_its_optimizer_and_schedule(optimizer, schedule):
+    """One joint step (the rest fits one batch): Adam's first step moves every weight by ~lr;
+    a multistep schedule with gamma 0 from epoch 0 leaves the model unchanged."""
+    from dataclasses import replace
+
+    from defenses.abl import unlearn_joint
+
+    data, p, ctx, _ = _tiny_abl()
+    model = ctx.engine.place(ctx.make_model())
+    iso = torch.zeros(len(data.y), dtype=torch.bool)
+    iso[:30] = True
+    cfg = replace(p.unlearn, epochs=1, batch_size=512, optimizer=optimizer, lr=1e-3,
+                  weight_decay=0.0, schedule=schedule, milestones=(0,), gamma=0.0)
+    before = [w.detach().clone() for w in model.parameters()]
+    unlearn_joint(model, data.subset(~iso), data.subset(iso), cfg, ctx,
+                  torch.Generator().manual_seed(0), hflip=False)
+    step = torch.cat([(w - b).abs().flatten()
+                      for w, b in zip(model.parameters(), before, strict=True)])
+    if optimizer == "adam":
+        assert step.max() <= 1e-3 * (1 + 1e-4) and step.median() > 0.99e-3
+    else:
+        assert step.max() == 0
+
+
+def test_isolation_ratio_that_isolates_nothing_fails_before_training():
+    from dataclasses import replace
+
+    from bench.errors import ConfigError
+
+    data, p, ctx, eval_batches = _tiny_abl()
+    with pytest.raises(ConfigError, match="isolates no sample of 300; raise it to at least"):
+        abl(data, replace(p, isolation_ratio=0.003), ctx)
+    assert eval_batches == []

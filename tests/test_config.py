@@ -1,5 +1,7 @@
 """Config composition of every group option, and registry <-> YAML both ways."""
 
+from dataclasses import replace
+
 import pytest
 
 from attacks import ATTACKS
@@ -32,6 +34,40 @@ def test_unknown_keys_are_one_line_errors():
         compose_cfg(["+attack.params.bogus=1"])
     with pytest.raises(ConfigError, match="unknown key.*nope"):
         compose_cfg(["+train.nope=3"])
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.optimizer=adamw"], r"^train: unknown optimizer 'adamw'; known: sgd, adam$"),
+    (["train.schedule=step"], r"^train: unknown schedule 'step'"),
+    (["train.batch_size=0"], r"^train: epochs must be >= 0 and batch_size"),
+    (["defense=abl", "defense.params.isolation.eval_batch_size=0"],
+     r"^defense 'abl'\.isolation: epochs must be >= 0"),
+    (["defense=abl", "defense.params.finetune.optimizer=rmsprop"],
+     r"^defense 'abl'\.finetune: unknown optimizer"),
+    (["defense=abl", "+defense.params.finetune.eval_batch_size=512"],
+     r"abl finetune\.eval_batch_size is not used .*isolation\.eval_batch_size"),
+    (["defense=abl", "defense.params.ascent=sign"], r"abl ascent must be flooding or lga"),
+    (["defense=abl", "defense.params.gamma=0"], r"abl gamma must be > 0"),
+    (["defense=abl", "defense.params.unlearn.normalize=true"], r"abl .* must share normalize"),
+    (["defense=dbd", "defense.params.split.epsilon=1.5"], r"dbd split\.epsilon must be in"),
+    (["defense=dlp", "defense.params.filter.ratio=0"], r"dlp filter\.ratio must be in"),
+])
+def test_impossible_values_fail_when_the_config_is_built(overrides, match):
+    """Values no stage can run with are rejected by ``from_dict``, before any data, attack or
+    training work, with one line naming the section."""
+    with pytest.raises(ConfigError, match=match) as e:
+        compose_cfg(overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_a_partial_nested_section_keeps_the_defense_defaults():
+    """Through the Python API a nested section may be given in part: the keys it leaves out
+    keep the defense's own recipe (ABL's isolation is SGD-Nesterov at lr 0.1, constant), not
+    the generic ``TrainCfg`` defaults."""
+    from defenses.abl import ABLParams
+
+    p = DEFENSES.params("abl", {"isolation": {"epochs": 5}})
+    assert p.isolation == replace(ABLParams().isolation, epochs=5)
 
 
 def test_default_config_is_the_documented_default():
