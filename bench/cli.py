@@ -7,13 +7,19 @@ name is one line listing the valid ones), composes ``conf/config.yaml``, convert
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import sys
+import typing
 from importlib import resources
 
 import hydra
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bench.config import from_dict
@@ -47,10 +53,68 @@ def group_options(group: str, nested: bool = False) -> list[str]:
     return sorted(opts)
 
 
+def _chosen(group: str, argv: list[str], default: str) -> list[str] | None:
+    """The component names ``group=`` selects on the command line (its YAML's ``name``), the
+    default when absent, or None when an experiment or sweep may choose it instead."""
+    if any(a.lstrip("+~").split("=")[0] in ("experiment", "sweep") for a in argv):
+        return None
+    opts = next((a.partition("=")[2] for a in argv if a.partition("=")[0] == group), default)
+    names = []
+    for opt in filter(None, (o.strip() for o in opts.split(","))):
+        path = resources.files("conf").joinpath(group, *f"{opt}.yaml".split("/"))
+        name = OmegaConf.load(str(path)).get("name") if path.is_file() else None
+        names.append(name or opt.split("/")[-1])  # a variant (dbd/blended) extends its attack
+    return names
+
+
+def unknown_key(key: str, argv: list[str]) -> str | None:
+    """A one-line error if the dotted ``key`` names no field of its section (``train.nosuch``,
+    ``attack.params.nosuch`` for the attack chosen on the command line), else None. Keys of free
+    mappings (``model.kwargs.*``) and sections an experiment may change are not checked."""
+    from attacks import ATTACKS
+    from bench.config import DatasetCfg, DefenseCfg, ModelCfg
+    from bench.logger import LoggerCfg
+    from bench.poison import AttackSpec
+    from bench.train import TrainCfg
+    from defenses import DEFENSES
+
+    head, *parts = key.split(".")
+    roots: list[tuple[str, str, type | None]] = []
+    static = {"train": TrainCfg, "dataset": DatasetCfg, "model": ModelCfg, "logger": LoggerCfg}
+    if head in static:
+        roots = [(head, "", static[head])]
+    elif head in ("attack", "defense") and parts and parts[0] != "params":
+        roots = [(head, "", AttackSpec if head == "attack" else DefenseCfg)]
+    elif head in ("attack", "defense") and parts:
+        reg = ATTACKS if head == "attack" else DEFENSES
+        names = _chosen(head, argv, "badnets" if head == "attack" else "none")
+        if names is None or any(n not in reg.names() for n in names):
+            return None  # an experiment chooses it, or the unknown name is reported instead
+        roots = [(f"{head}.params", f" ({head} '{n}')", reg.get(n).params) for n in names]
+        parts = parts[1:]
+    for owner, which, cls in roots:
+        for i, part in enumerate(parts):
+            if cls is None:
+                return f"unknown key {key}: {which.strip(' ()')} takes no parameters"
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in fields:
+                where = ".".join([owner, *parts[:i]])
+                return f"unknown key {key}; valid under {where}{which}: {', '.join(fields)}"
+            cls = typing.get_type_hints(cls)[part]
+            if not dataclasses.is_dataclass(cls):
+                break  # a value, or a free mapping (model.kwargs)
+    return None
+
+
 def check_overrides(argv: list[str]) -> None:
-    """Exit 2 with one line if an override names an unknown option of a config group."""
+    """Exit 2 with one line if an override names an unknown option of a config group or a key
+    no section has."""
     for arg in argv:
         key, sep, value = arg.partition("=")
+        if sep and not key.startswith(("-", "hydra")) and (msg := unknown_key(key.lstrip("+~"),
+                                                                                argv)):
+            sys.stderr.write(f"error: {msg}\n")
+            sys.exit(2)
         key = key.lstrip("+~")
         showing = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info"} & set(argv)
         if key == "hydra/launcher" and value in PLUGINS and not showing:
@@ -67,6 +131,27 @@ def check_overrides(argv: list[str]) -> None:
             opt = opt.strip()
             if opt and opt not in known:
                 sys.stderr.write(f"error: unknown {key} '{opt}'; known: {', '.join(known)}\n")
+                sys.exit(2)
+
+
+class ValidateSweep(Callback):
+    """Before a multirun launches anything, build every job's typed config the way the job
+    will (its sweep overrides composed, then ``from_dict``): one impossible value in a sweep
+    list is one ``error:`` line and exit 2 before the first job, not a stop after hours of
+    the jobs before it (Hydra's sweeper itself only checks that each job composes)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+        task = list(config.hydra.overrides.task)
+        parsed = OverridesParser.create().parse_overrides(params + task)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        for num, job in enumerate(jobs):
+            try:
+                from_dict(OmegaConf.to_container(compose(config_name="config", overrides=job),
+                                                 resolve=True))
+            except BenchError as e:
+                sys.stderr.write(f"error: sweep job #{num} ({' '.join(job)}): {e}; nothing "
+                                 f"was run\n")
                 sys.exit(2)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from attacks import ATTACKS
 from bench.errors import ConfigError
 from bench.logger import LoggerCfg
 from bench.poison import AttackSpec
-from bench.registry import build_params
+from bench.registry import build_params, typed
 from bench.train import TrainCfg
 from defenses import DEFENSES
 
@@ -39,6 +40,11 @@ class DatasetCfg:
     synthetic: dict | None = None
     limit_train: int | None = None
     limit_test: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("limit_train", "limit_test"):
+            if (n := getattr(self, key)) is not None and n < 1:
+                raise ConfigError(f"{key} must be >= 1 or null (all samples), got {n}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,8 @@ def from_dict(d: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
-    out: dict[str, Any] = {k: v for k, v in d.items() if k not in
+    hints = typing.get_type_hints(RunConfig)
+    out: dict[str, Any] = {k: typed(v, hints[k], k) for k, v in d.items() if k not in
                            ("dataset", "model", "attack", "defense", "train", "logger")}
     out["logger"] = _section(LoggerCfg, d.get("logger", {}), "logger")
     out["dataset"] = _section(DatasetCfg, d.get("dataset", {}), "dataset")

@@ -39,6 +39,19 @@ class AttackSpec:
     select_from: str = "non_target"
     params: object = None  # the attack's own params dataclass
 
+    def __post_init__(self) -> None:
+        entry = ATTACKS.get(self.name)
+        if not 0.0 < self.poison_rate < 1.0:
+            raise ConfigError(f"poison_rate must be in (0, 1), got {self.poison_rate}")
+        if self.target < 0:
+            raise ConfigError(f"target must be >= 0 (a class index), got {self.target}")
+        modes = ("clean_label",) if entry.obj.clean_label else entry.obj.label_modes
+        if self.label_mode not in modes:
+            raise ConfigError(f"'{self.name}' supports label_mode {', '.join(modes)}; got "
+                              f"'{self.label_mode}'")
+        if self.select_from not in ("non_target", "all"):
+            raise ConfigError(f"select_from must be non_target or all, got '{self.select_from}'")
+
 
 @dataclass(frozen=True)
 class PrepareContext:
@@ -86,20 +99,11 @@ def build_attack(spec: AttackSpec, train: ImageSet, seed: int) -> Attack:
 
 
 def validate(spec: AttackSpec, num_classes: int) -> None:
-    entry = ATTACKS.get(spec.name)
-    if not 0.0 < spec.poison_rate < 1.0:
-        raise ConfigError(f"attack.poison_rate must be in (0, 1), got {spec.poison_rate}")
-    if not 0 <= spec.target < num_classes:
+    """What only the dataset can tell (the rest is checked when the spec is built)."""
+    if not spec.target < num_classes:
         raise ConfigError(
             f"attack.target must be in [0, {num_classes - 1}] for this dataset, got {spec.target}"
         )
-    modes = ("clean_label",) if entry.obj.clean_label else entry.obj.label_modes
-    if spec.label_mode not in modes:
-        raise ConfigError(
-            f"attack '{spec.name}' supports label_mode {', '.join(modes)}; got '{spec.label_mode}'"
-        )
-    if spec.select_from not in ("non_target", "all"):
-        raise ConfigError(f"attack.select_from must be non_target or all, got '{spec.select_from}'")
 
 
 def select_indices(y: torch.Tensor, spec: AttackSpec, gen: torch.Generator) -> torch.Tensor:

@@ -7,6 +7,8 @@ One name everywhere: ``attacks/wanet.py`` registers ``wanet``, which is also the
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -60,6 +62,62 @@ class Registry(Generic[T]):
         return params
 
 
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (ints widen to float, lists become tuples), or ``_Mismatch``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _convert(value, arg)
+                except _Mismatch:
+                    pass
+        raise _Mismatch
+    if tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch
+    if tp is int or tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and (
+                tp is float or isinstance(value, int)):
+            return tp(value)
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _Mismatch
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise _Mismatch
+        return tuple(_convert(v, a) for v, a in zip(value, args, strict=True))
+    if tp in (dict, list) or origin in (dict, list):
+        if isinstance(value, origin or tp):
+            return value
+        raise _Mismatch
+    if dataclasses.is_dataclass(tp) and isinstance(value, tp):
+        return value
+    raise _Mismatch
+
+
+def typed(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``tp``; a ``ConfigError`` naming ``where``
+    and the expected type otherwise (``attack.target=1.5`` must not become class 1)."""
+    try:
+        return _convert(value, tp)
+    except _Mismatch:
+        name = (str(tp).replace("typing.", "") if typing.get_origin(tp)
+                else getattr(tp, "__name__", str(tp)))
+        raise ConfigError(f"{where} must be {name}, got {value!r}") from None
+
+
 def build_params(cls: type | None, values: Mapping[str, Any], owner: str,
                  base: Any = None) -> Any:
     """Instantiate a (possibly nested) frozen dataclass from a plain mapping, strictly. Keys
@@ -75,19 +133,17 @@ def build_params(cls: type | None, values: Mapping[str, Any], owner: str,
         raise ConfigError(
             f"unknown key(s) {', '.join(unknown)} for {owner}; valid: {', '.join(fields)}"
         )
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
-        ftype = fields[key].type
         default = fields[key].default
         factory = fields[key].default_factory
         if default is dataclasses.MISSING and factory is not dataclasses.MISSING:
             default = factory()
         if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
             value = build_params(type(default), value, f"{owner}.{key}", base=default)
-        elif isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(ftype, str) and ftype == "float" and isinstance(value, int):
-            value = float(value)
+        else:
+            value = typed(value, hints[key], f"{owner}.{key}")
         kwargs[key] = value
     try:
         return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)

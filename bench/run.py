@@ -17,7 +17,7 @@ import bench
 from bench import metrics
 from bench.config import RunConfig, config_hash, hashed_config, to_dict
 from bench.data import ImageSet, load_dataset
-from bench.errors import BenchError
+from bench.errors import BenchError, ConfigError
 from bench.logger import make_logger, tracked
 from bench.models import create_model
 from bench.poison import PoisonedTrain, PrepareContext, TriggeredTest, clean, poison
@@ -35,14 +35,23 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError("device=cuda but no CUDA device is visible; use device=cpu or auto")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or another "
+                          "torch device type") from None
 
 
 def git_sha() -> str:
+    """The commit the code ran from, ``+dirty`` when tracked files differ from it (the row then
+    cannot be reproduced from that commit alone); ``unknown`` outside a git checkout."""
+    where = dict(capture_output=True, text=True, cwd=Path(bench.__file__).parent, timeout=5)
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(bench.__file__).parent, timeout=5)
-        return out.stdout.strip() or "unknown"
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **where).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], **where).returncode == 1
+        return sha + "+dirty" if dirty else sha
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -127,8 +136,10 @@ def prepare(cfg: RunConfig) -> tuple[PoisonedTrain, ImageSet, TriggeredTest | No
     d = cfg.dataset
     train, test = load_dataset(d.name, data_root=cfg.data_root, full=d.full, download=d.download,
                                image_size=d.image_size, synthetic=d.synthetic)
-    train = train.subset(torch.arange(min(d.limit_train or len(train), len(train))))
-    test = test.subset(torch.arange(min(d.limit_test or len(test), len(test))))
+    if d.limit_train is not None:
+        train = train.subset(torch.arange(min(d.limit_train, len(train))))
+    if d.limit_test is not None:
+        test = test.subset(torch.arange(min(d.limit_test, len(test))))
     create_model(cfg.model.name, train.num_classes, train.x.shape[1], **cfg.model.kwargs)
     if cfg.attack is None:
         return clean(train), test, None

@@ -27,12 +27,31 @@ def test_multirun_two_jobs_two_rows(tmp_path):
     assert out.stdout.count("BA ") == 2  # one summary line per job
 
 
+@pytest.mark.parametrize("sweep", ["attack.poison_rate=0.1,1.5", "experiment=abl_cifar10_reduced"])
+def test_a_sweep_with_an_impossible_job_runs_nothing(tmp_path, sweep):
+    """Every job's config is built before the first runs: the bad one is named, nothing is
+    written. An experiment's jobs come from its sweeper params (made impossible here by a fixed
+    override)."""
+    res = tmp_path / "res"
+    args = sweep.split() + ([] if "poison_rate" in sweep else ["train.optimizer=rmsprop"])
+    out = bench(*TINY, f"results_dir={res}", *args, "-m", cwd=tmp_path)
+    assert out.returncode == 2
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: sweep job #"), out.stderr
+    assert ("#1 (" in errors[0] and "poison_rate must be in (0, 1)" in errors[0]
+            if "poison_rate" in sweep else
+            "attack=badnets defense=none" in errors[0] and "optimizer 'rmsprop'" in errors[0])
+    assert not (res / "runs.csv").exists() and not (res / "rows").exists()
+
+
 @pytest.mark.parametrize("override, needle", [
     ("attack=wannet", "unknown attack 'wannet'; known: "),
     ("model=nope", "unknown model 'nope'; known: "),
     ("attack.poison_rate=1.5", "poison_rate must be in (0, 1)"),
     ("attack.target=7", "attack.target must be in [0, 3]"),
     ("dataset=cifar10", "set data_root"),
+    ("train.nosuch=1", "unknown key train.nosuch; valid under train: epochs, batch_size"),
+    ("attack.params.nope=1", "valid under attack.params (attack 'badnets'): size, position"),
 ])
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, override, needle):
     res = tmp_path / "res"
@@ -64,3 +83,16 @@ def test_missing_launcher_plugin_is_one_line(tmp_path):
 def test_attack_dataset_specialisation(tmp_path):
     out = bench("attack=sig", "dataset=cifar100", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0 and "poison_rate: 0.005" in out.stdout
+
+
+def test_unknown_key_checks_only_what_it_can_know():
+    from bench.cli import unknown_key
+
+    for key, argv in [("train.augment.crop_pad", []), ("model.kwargs.width", []),
+                      ("defense.params.finetune.lr", ["defense=abl"]),
+                      ("attack.params.alpha", ["attack=dbd/blended"]),
+                      ("attack.params.anything", ["experiment=dbd_cifar10"])]:
+        assert unknown_key(key, argv) is None, key
+    assert "valid under train.augment: crop_pad" in unknown_key("train.augment.nope", [])
+    assert unknown_key("defense.params.gamma", ["defense=dbd"]).startswith(
+        "unknown key defense.params.gamma; valid under defense.params (defense 'dbd'):")

@@ -47,6 +47,15 @@ def test_unknown_keys_are_one_line_errors():
     (["defense=abl", "+defense.params.finetune.eval_batch_size=512"],
      r"abl finetune\.eval_batch_size is not used .*isolation\.eval_batch_size"),
     (["defense=abl", "defense.params.ascent=sign"], r"abl ascent must be flooding or lga"),
+    (["attack.target=1.5"], r"^attack\.target must be int, got 1\.5$"),
+    (["attack.poison_rate=abc"], r"^attack\.poison_rate must be float, got 'abc'$"),
+    (["seed=abc"], r"^seed must be int, got 'abc'$"),
+    (["channels_last=abc"], r"^channels_last must be bool, got 'abc'$"),
+    (["dataset.limit_train=ten"], r"^dataset\.limit_train must be int \| None, got 'ten'$"),
+    (["train.milestones=[a]"], r"^train\.milestones must be tuple\[int, \.\.\.\]"),
+    (["attack.params.size=2.5"], r"^attack 'badnets'\.size must be int, got 2\.5$"),
+    (["dataset.limit_train=-5"], r"^dataset: limit_train must be >= 1 or null"),
+    (["dataset.limit_test=0"], r"^dataset: limit_test must be >= 1 or null"),
     (["defense=abl", "defense.params.gamma=0"], r"abl gamma must be > 0"),
     (["defense=abl", "defense.params.unlearn.normalize=true"], r"abl .* must share normalize"),
     (["defense=dbd", "defense.params.split.epsilon=1.5"], r"dbd split\.epsilon must be in"),
@@ -58,6 +67,13 @@ def test_impossible_values_fail_when_the_config_is_built(overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         compose_cfg(overrides)
     assert "\n" not in str(e.value)
+
+
+def test_values_take_their_field_type():
+    """Ints widen to float and lists become tuples, so equal settings hash equally."""
+    cfg = compose_cfg(["train.lr=1", "train.milestones=[3,6]"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.milestones == (3, 6)
 
 
 def test_a_partial_nested_section_keeps_the_defense_defaults():

@@ -240,3 +240,28 @@ def test_training_on_an_empty_set_is_a_config_error():
     with pytest.raises(ConfigError, match="unlearn: no samples to train on"):
         fit(model, empty, torch.zeros(0, dtype=torch.long), TrainCfg(epochs=1), eng,
             torch.Generator(), hflip=False, desc="unlearn")
+
+
+def test_unknown_device_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match=r"^unknown device 'gpu0'; use auto, cpu, cuda"):
+        bench.run.resolve_device("gpu0")
+
+
+def test_git_sha_marks_a_modified_checkout(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "f.py"))
+    sha = bench.run.git_sha()
+    assert len(sha) >= 7 and "+" not in sha
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert bench.run.git_sha() == sha
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert bench.run.git_sha() == sha + "+dirty"
