@@ -199,7 +199,8 @@ def draw(rows: list[Row], title: str = "") -> Figure:
             ax_row[3].axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    # keep a title's band (about 0.35 in) clear of the first row's panel titles
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight() if title else 1))
     return fig
 
 

@@ -99,3 +99,18 @@ def test_rgb_rows_are_hwc_and_draw(tmp_path):
     assert row.sample.changed == 9  # a pixel counts once, not once per channel
     G.save_png(G.draw([row]), tmp_path / "rgb.png")
     assert (tmp_path / "rgb.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("repeat", [1, 2])
+def test_figure_title_clears_the_panel_titles(synthetic, repeat):
+    """Also at the committed gallery's ten rows, where the title once covered the first row's
+    panel titles."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = G.gallery_rows(synthetic, ["badnets", "blended", "wanet", "sig", "bpp"]) * repeat
+    fig = G.draw(rows, "fashion_mnist: first 2000 train samples poisoned, seed 0")
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    panel_tops = [ax.title.get_window_extent(renderer).y1 for ax in fig.axes if ax.get_title()]
+    assert title.y0 > max(panel_tops)
