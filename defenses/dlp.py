@@ -259,9 +259,6 @@ class DLPParams:
 
 
 def _check(p: DLPParams) -> None:
-    if p.supervised.eval_batch_size < 1:
-        raise ConfigError(f"dlp supervised.eval_batch_size must be >= 1, got "
-                          f"{p.supervised.eval_batch_size}")
     if p.filter.mode not in ("dominant_class", "global"):
         raise ConfigError(f"dlp filter.mode must be dominant_class or global, got "
                           f"'{p.filter.mode}'")
