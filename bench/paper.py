@@ -16,29 +16,37 @@ claim with its measured value, threshold and verdict. Exit status 1 when a claim
 are missing, unless the claim is a documented known gap at CPU scale (``KNOWN_GAPS``: reported
 as such in the markdown, never hidden).
 
-Claims, on the newest ``ok`` row of each cell at ``REDUCED_RATE`` and ``REDUCED_SEEDS`` (the
-reduced variants' seed; other seeds of the reduced folder are ignored, and the main table's rows,
-``--main``, are shown beside, never checked):
+Claims, on the newest ``ok`` row of each job of ``<experiment>_reduced`` as this version composes
+it (``reduced_jobs``: a row counts only when its config hash is the job's), at ``REDUCED_RATE``
+and ``REDUCED_SEEDS`` (the reduced variants' seed; other seeds of the reduced folder are ignored;
+rows of the same cells under another config are listed in the markdown, never checked; the main
+table's rows, ``--main``, of each cell's main setting are shown beside, never checked):
 - ``attack_works``: without defense the attack succeeds, ASR ≥ ``MIN_ATTACK_ASR``.
 - ``removes``: the defense brings ASR ≤ ``MAX_DEFENDED_ASR``.
 - ``keeps_ba``: BA(none) − BA(defense) ≤ max(0, the paper's own gap) + ``BA_MARGIN``; the
-  paper's gap comes from its reference rows for the same attack (0 where it published no
-  no-defense BA). BA is the experiment's ``ba_metric``: ABL's code leaves the target class out
-  of its clean accuracy, so its table compares ``ba_nt``.
+  paper's gap pairs the no-defense and the defended row of one source (``paper_rows``: the
+  source that publishes both for the attack; 0 where none published a no-defense BA). BA is the
+  experiment's ``ba_metric``: ABL's code leaves the target class out of its clean accuracy, so
+  its table compares ``ba_nt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from bench.config import config_diff, from_dict, hash_of, hashed_config
 from bench.errors import BenchError
-from bench.rows import atomic_write, latest_per_cell, load_results
+from bench.rows import atomic_write, latest_per_cell, load_results, main_settings
 
 MIN_ATTACK_ASR = 0.90
 MAX_DEFENDED_ASR = 0.05
@@ -103,25 +111,32 @@ _DBD_BA = ("the SCE linear head (5 epochs) fits the SimCLR features to about 66%
            "random clean samples as the labelled set instead, the main table's MixMatch stage "
            "reaches 0.873; training the head longer or splitting per class lets the Blended "
            "samples into the labelled set (ASR 1.0)")
-_ABL_ISO = ("isolation picks BadNets with precision 1.0 (recall 0.1) but its lowest 1% on Blended "
-            "swings between precision 0.0 and 0.9 from epoch to epoch (easy clean samples reach "
-            "a loss below 1e-6 too), and unlearning an isolated set of clean trousers erases "
-            "that class (trouser accuracy 0.00 at Blended seed 0, BA_nt 0.516); on BadNets the "
-            "gradient ascent on the isolated 1% lowers ASR slowly and costs the target class "
-            "first (T-shirt accuracy 0.89 -> 0.41 at seed 0 after the official 4 epochs, ASR "
-            "0.737; BA 0.765 at ASR 0.049 after 18 epochs, against 0.881 before)")
+# The reduced ABL rows train in fp32 (the _reduced variants pin amp=false) and otherwise run the
+# main table's ABL config, whose seed-0 rows (results/fashion_mnist) trained in bf16.
+_ABL_FP32 = ("in the reduced rows, fp32 (the `_reduced` variants pin amp=false), isolation misses "
+             "on both attacks, so the unlearning ascends on clean samples and erases trouser "
+             "(accuracy 0.00 in both rows) while the backdoor stays (seed 0): BadNets isolates "
+             "13 poisoned among its 100 samples (precision 0.13, recall 0.013), ASR 0.993, BA_nt "
+             "0.550 against 0.894 without defense; Blended 3 (precision 0.03, recall 0.003), "
+             "ASR 0.962, BA_nt 0.438 against 0.891. The main table runs the same ABL config in "
+             "bf16 (amp=true, an AVX512-BF16 CPU); its seed-0 rows isolate BadNets with "
+             "precision 1.00 (recall 0.10), where the official 4 unlearning epochs lower ASR only "
+             "to 0.737 and cost the target class first (T-shirt accuracy 0.89 -> 0.41, BA_nt "
+             "0.862 against 0.896), and Blended with precision 0.00 (trouser 0.00, BA_nt 0.516, "
+             "ASR 0.999)")
 KNOWN_GAPS: dict[tuple[str, str, str, str], str] = {
     ("dbd_cifar10", "keeps_ba", "badnets", "dbd"): _DBD_BA,
     ("dbd_cifar10", "keeps_ba", "wanet", "dbd"): _DBD_BA,
-    ("abl_cifar10", "removes", "badnets", "abl"): _ABL_ISO,
-    ("abl_cifar10", "removes", "blended", "abl"): _ABL_ISO,
-    ("abl_cifar10", "keeps_ba", "blended", "abl"): _ABL_ISO,
+    ("abl_cifar10", "removes", "badnets", "abl"): _ABL_FP32,
+    ("abl_cifar10", "removes", "blended", "abl"): _ABL_FP32,
+    ("abl_cifar10", "keeps_ba", "blended", "abl"): _ABL_FP32,
     ("abl_cifar10", "keeps_ba", "badnets", "abl"): (
-        "holds in bf16 on a CPU with AVX512-BF16 (BA_nt drop 0.034, isolation precision 1.00), "
-        "not in fp32 on a CPU without native bf16, where amp=auto trains in fp32: there the "
-        "isolated 1% holds 13 poisoned samples (precision 0.13), the unlearning erases trouser "
-        "(accuracy 0.00; BA_nt 0.550 against 0.894, ASR 0.993, seed 0): where isolation "
-        "misses, ABL pays for it in BA"),
+        "misses in the reduced row, fp32 (the `_reduced` variants pin amp=false): the isolated "
+        "1% holds 13 poisoned samples (precision 0.13), and the unlearning erases trouser "
+        "(accuracy 0.00; BA_nt 0.550 against 0.894, ASR 0.993, seed 0); the main table's seed-0 "
+        "row, the same ABL config in bf16 (amp=true, an AVX512-BF16 CPU), isolates with "
+        "precision 1.00 and stays within the bar (BA_nt 0.862 against 0.896, drop 0.034; ASR "
+        "0.737): where isolation misses, ABL pays for it in BA"),
 }
 
 
@@ -154,11 +169,59 @@ def _mean(rows: pd.DataFrame, attack: str, defense: str, metric: str) -> float:
     return float(vals.mean()) if len(vals) else math.nan
 
 
-def _ok_rows(results_dir: Path) -> pd.DataFrame:
-    """The newest row of each cell (row files, else the committed ``runs.csv`` line) if it is
-    ``ok``. A cell whose newest run failed counts as missing, not as its older ``ok`` row."""
-    newest = latest_per_cell(load_results(results_dir))[0]
+def _ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The newest of ``rows`` (row files, else the committed ``runs.csv`` lines) per cell, setting
+    and seed, if it is ``ok``. A cell whose newest run failed counts as missing, not as its older
+    ``ok`` row."""
+    newest = latest_per_cell(rows)[0]
     return newest[newest.status == "ok"]
+
+
+def _main_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(rows of their cell's main setting, the others)``: a cell's rows of another stored
+    config are another line of the leaderboard, not more seeds of this one."""
+    keep = main_settings(rows).all(axis=1) if len(rows) else pd.Series(True, index=rows.index)
+    return rows[keep], rows[~keep]
+
+
+def reduced_jobs(name: str) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """``(attack, defense, seed) -> hashed config`` of every job of ``<name>_reduced`` as this
+    version composes it: the rows ``python -m bench experiment=<name>_reduced`` computes."""
+    from hydra import compose, initialize_config_module  # composition, as the CLI does it
+    from omegaconf import OmegaConf
+
+    base, jobs = [f"experiment={name}_reduced"], {}
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        params = compose("config", base, return_hydra_config=True).hydra.sweeper.params
+        grid = {k: [v.strip() for v in str(opts).split(",")] for k, opts in params.items()}
+        for values in itertools.product(*grid.values()):
+            job = [f"{k}={v}" for k, v in zip(grid, values, strict=True)]
+            cfg = from_dict(OmegaConf.to_container(compose("config", base + job), resolve=True))
+            jobs[cfg.attack.name if cfg.attack else "none", cfg.defense.label, cfg.seed] = (
+                hashed_config(cfg))
+    return jobs
+
+
+def _job_hashes(config: dict[str, Any]) -> set[str]:
+    """The hashes a row of this job can carry: ``amp=auto`` rows hash what it resolved to."""
+    amps = (True, False) if config.get("amp") == "auto" else (config.get("amp"),)
+    return {hash_of(config | {"amp": a}) for a in amps}
+
+
+def _other_configs(rows: pd.DataFrame, jobs: dict[tuple[str, str, int], dict[str, Any]]
+                   ) -> list[str]:
+    """``run_id (keys that differ from the job)`` per row of ``rows`` (not the job's config)."""
+    out = []
+    for r in rows.itertuples():
+        job = jobs.get((r.attack, r.defense, int(r.seed)))
+        try:
+            stored = json.loads(r.config) if isinstance(r.config, str) else r.config
+        except ValueError:
+            stored = None
+        keys = (", ".join(config_diff(job, stored)) if isinstance(stored, dict) and job
+                else "config not stored")
+        out.append(f"`{r.run_id}` ({keys})")
+    return out
 
 
 def load_reference(ref_dir: Path, exp: Experiment) -> pd.DataFrame:
@@ -169,8 +232,25 @@ def load_reference(ref_dir: Path, exp: Experiment) -> pd.DataFrame:
     return ref if exp.poison_rate is None else _at_rate(ref, exp.poison_rate)
 
 
+def paper_rows(ref: pd.DataFrame, attack: str, defenses: tuple[str, ...]) -> pd.DataFrame:
+    """The reference rows of ``attack`` from one source (the ``source`` column): the one that
+    publishes the most of its ``none`` and ``defenses`` rows, the first in the file on a tie.
+    Sources differ in setup (ABL's README leaderboard, its unlearning-only demo, its log with
+    augmentation), so a cell or a BA gap never mixes two of them."""
+    rows = ref[ref.attack == attack]
+    if "source" not in rows or rows.empty:
+        return rows
+    order = list(dict.fromkeys(rows.source))
+    wanted = {"none", *defenses}
+    best = max(order, key=lambda src: (
+        rows[(rows.source == src) & rows.defense.isin(wanted)].defense.nunique(),
+        -order.index(src)))
+    return rows[rows.source == best]
+
+
 def paper_gap(ref: pd.DataFrame, attack: str, defense: str) -> float:
-    """BA(none) − BA(defense) as published for ``attack`` (NaN where either is missing)."""
+    """BA(none) − BA(defense) as published for ``attack`` in ``ref``, one source's rows
+    (``paper_rows``); NaN where either is missing."""
     return _mean(ref, attack, "none", "ba") - _mean(ref, attack, defense, "ba")
 
 
@@ -200,7 +280,7 @@ def check(name: str, exp: Experiment, reduced: pd.DataFrame, ref: pd.DataFrame
                                 f"ASR ≤ {MAX_DEFENDED_ASR:.2f}"))
             drop = (_mean(reduced, a, "none", exp.ba_metric)
                     - _mean(reduced, a, d, exp.ba_metric))
-            gap = paper_gap(ref, a, d)
+            gap = paper_gap(paper_rows(ref, a, exp.defenses), a, d)
             allowed = max(0.0, 0.0 if math.isnan(gap) else gap) + BA_MARGIN
             out.append(_verdict(name, "keeps_ba", a, d, drop, drop <= allowed + 1e-12,
                                 f"BA drop ≤ {allowed:.3f}"))
@@ -221,10 +301,41 @@ def _seeds_cell(rows: pd.DataFrame, attack: str, defense: str, ba_col: str = "ba
     return f"{_cell(rows, attack, defense, ba_col)} (n = {n})" if n else ""
 
 
+def _attacks(exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame) -> list[str]:
+    """The attacks of an experiment's page: its own, then the paper's and the full-scale rows'."""
+    return list(dict.fromkeys([*exp.attacks, *ref.attack.dropna(), *full.attack.dropna()]))
+
+
+def _sources_lines(ref: pd.DataFrame, attacks: list[str], defenses: list[str],
+                   exp: Experiment) -> list[str]:
+    """Which source the paper column shows per attack, and the rows of these cells that other
+    sources publish (shown nowhere else)."""
+    if "source" not in ref or ref.empty:
+        return []
+    used: dict[str, list[str]] = {}
+    others = []
+    for a in attacks:
+        shown = paper_rows(ref, a, exp.defenses)
+        if shown.empty:
+            continue
+        used.setdefault(str(shown.source.iloc[0]), []).append(a)
+        rest = ref[(ref.attack == a) & ref.defense.isin(defenses) & ~ref.index.isin(shown.index)]
+        others += [f"`{r.source}` {a}/{r.defense} {_pct(r.ba)} / {_pct(r.asr)}"
+                   for r in rest.itertuples()]
+    lines = ["", "Paper column, one source per attack: " + "; ".join(
+        f"`{src}` ({', '.join(a)})" for src, a in used.items()) + "."] if used else []
+    if others:
+        lines += ["", "Published by other sources for these cells, not shown or used: "
+                  + "; ".join(others) + "."]
+    return lines
+
+
 def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
-             reduced: pd.DataFrame, verdicts: list[Verdict], main_table: pd.DataFrame) -> str:
-    attacks = list(dict.fromkeys([*exp.attacks, *ref.attack.dropna(), *full.attack.dropna()]))
-    defenses = ["none", *exp.defenses]
+             reduced: pd.DataFrame, verdicts: list[Verdict], main_table: pd.DataFrame,
+             notes: list[str] | None = None) -> str:
+    """The page of one experiment; ``notes`` are paragraphs printed after the table (rows left
+    out)."""
+    attacks, defenses = _attacks(exp, ref, full), ["none", *exp.defenses]
     lines = [f"# {exp.title}", "",
              f"Paper setting: {exp.setting}. Full scale: `python -m bench experiment={name}`; "
              f"reduced (Fashion-MNIST, CPU scale): `python -m bench experiment={name}_reduced`; "
@@ -232,7 +343,10 @@ def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
              "BA / ASR (%)" + (
                  ", BA without the target class's test images, as the paper's code measures it "
                  "(`ba_nt`)" if exp.ba_metric == "ba_nt" else "")
-             + ". Paper: `results/reference/" + exp.source + ".csv`; full scale: empty "
+             + ". Paper: `results/reference/" + exp.source + ".csv`, each attack's rows from "
+             "one source (its `source` column), the one that publishes the most of the attack's "
+             "no-defense and defended rows (the first in the file on a tie), so that a cell and "
+             "the paper's BA gap in `keeps_ba` never mix two sources' setups; full scale: empty "
              "until run; reduced: seed " + ", ".join(map(str, REDUCED_SEEDS)) + " of the "
              "`_reduced` variant (`scale=ci`, what CI computes and the claims are checked on); "
              "main table: the same cells at the longer CPU presets, mean over its n seeds (shown, "
@@ -242,10 +356,12 @@ def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
     for a in attacks:
         for d in defenses:
             ours = exp.ba_metric
-            cells = [_cell(ref, a, d), _cell(full, a, d, ours), _cell(reduced, a, d, ours),
-                     _seeds_cell(main_table, a, d, ours)]
+            cells = [_cell(paper_rows(ref, a, exp.defenses), a, d), _cell(full, a, d, ours),
+                     _cell(reduced, a, d, ours), _seeds_cell(main_table, a, d, ours)]
             if any(cells):
                 lines.append(f"| {a} | {d} | " + " | ".join(cells) + " |")
+    lines += _sources_lines(ref, attacks, defenses, exp)
+    lines += [line for note in notes or [] for line in ("", note)]
     cites = sorted(set(ref.get("citation", pd.Series(dtype=str)).dropna()))
     if cites:
         lines += ["", "Sources: " + "; ".join(cites)]
@@ -263,24 +379,53 @@ def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
     return "\n".join(lines) + "\n"
 
 
+def _reduced_rows(rows: pd.DataFrame, name: str, exp: Experiment,
+                  jobs: dict[tuple[str, str, int], dict[str, Any]]
+                  ) -> tuple[pd.DataFrame, list[str]]:
+    """``(the newest ok rows of the jobs, notes)``: of ``rows`` (a reduced folder), those of
+    ``exp``'s cells at ``REDUCED_RATE`` and ``REDUCED_SEEDS`` whose config hash is their job's;
+    the notes list the ``ok`` rows of those cells under another config, which are never checked."""
+    rows = _at_rate(rows, REDUCED_RATE)
+    rows = rows[pd.to_numeric(rows.seed, errors="coerce").isin(REDUCED_SEEDS)
+                & rows.attack.isin(exp.attacks) & rows.defense.isin(["none", *exp.defenses])]
+    hashes = set().union(*map(_job_hashes, jobs.values()))
+    mine = rows.config_hash.astype(str).isin(hashes)
+    others = rows[~mine & (rows.status == "ok")]
+    notes = [] if others.empty else [
+        f"Not checked: {len(others)} `ok` row{'s' if len(others) != 1 else ''} of these cells "
+        f"ran another config than `python -m bench experiment={name}_reduced` composes (the "
+        "keys that differ): " + "; ".join(_other_configs(others, jobs)) + "."]
+    return _ok_rows(rows[mine]), notes
+
+
 def run_check(full_root: Path, reduced_dir: Path, out: Path, ref_dir: Path,
-              names: list[str] | None = None, main_dir: Path | None = None) -> list[Verdict]:
-    """Check ``names`` (default: all experiments) on the rows in ``reduced_dir``, with full-scale
-    rows from ``<full_root>/<name>`` and, shown beside, the main table's rows in ``main_dir``;
-    write ``<out>/<name>.md``; return the verdicts."""
-    verdicts = []
-    reduced = _at_rate(_ok_rows(reduced_dir), REDUCED_RATE)  # read once, shared by all
-    reduced = reduced[pd.to_numeric(reduced.seed, errors="coerce").isin(REDUCED_SEEDS)]
-    main_table = _at_rate(_ok_rows(main_dir), REDUCED_RATE) if main_dir else reduced.iloc[:0]
+              names: list[str] | None = None, main_dir: Path | None = None,
+              jobs: Callable[[str], dict[tuple[str, str, int], dict[str, Any]]] | None = None
+              ) -> list[Verdict]:
+    """Check ``names`` (default: all experiments) on the rows in ``reduced_dir`` of the jobs
+    ``jobs(name)`` composes (default ``reduced_jobs``), with full-scale rows from
+    ``<full_root>/<name>`` and, shown beside, the main table's rows in ``main_dir``; write
+    ``<out>/<name>.md``; return the verdicts."""
+    verdicts, jobs = [], jobs or reduced_jobs
+    rows = load_results(reduced_dir)  # read once, shared by all
+    main_table, main_other = _main_rows(_at_rate(_ok_rows(load_results(main_dir)), REDUCED_RATE)
+                                        if main_dir else rows.iloc[:0])
     for name in names or list(EXPERIMENTS):
         if name not in EXPERIMENTS:
             raise BenchError(f"unknown experiment '{name}'; one of {', '.join(EXPERIMENTS)}")
         exp = EXPERIMENTS[name]
         ref = load_reference(ref_dir, exp)
-        full = _ok_rows(full_root / name)
+        full, full_other = _main_rows(_ok_rows(load_results(full_root / name)))
+        reduced, notes = _reduced_rows(rows, name, exp, jobs(name))
+        cells = {(a, d) for a in _attacks(exp, ref, full) for d in ["none", *exp.defenses]}
+        for other, where in ((full_other, "the full-scale folder"), (main_other, "the main table")):
+            n = sum((a, d) in cells for a, d in zip(other.attack, other.defense, strict=True))
+            notes += [f"Left out: {n} row{'s' if n != 1 else ''} of {where} under another "
+                      "setting than most rows of their cell (`python -m bench.report` shows "
+                      "them as lines of their own)."] if n else []
         vs = check(name, exp, reduced, ref)
         atomic_write(out / f"{name}.md",
-                     markdown(name, exp, ref, full, reduced, vs, main_table))
+                     markdown(name, exp, ref, full, reduced, vs, main_table, notes))
         verdicts += vs
     return verdicts
 

@@ -5,7 +5,10 @@ a committed ``runs.csv`` that no row file replaces) and writes to ``--out``
 (default ``<RESULTS_DIR>/report``): ``leaderboard.csv`` (mean/std/n over seeds per group, DER),
 ``leaderboard.md`` (attack × defense pivots), ``ba_vs_asr.png`` and ``stage_cost.png``.
 Only ``ok`` rows enter the statistics; failed runs are listed in a note, and so are the lines
-whose seeds were computed on different hardware or CPU thread counts.
+whose seeds were computed on different hardware or CPU thread counts. Rows of one cell whose
+stored configs differ in a value other than the seed (``dataset.limit_train``, ``train.epochs``,
+``amp``, …) are never averaged as seeds: each setting is its own line, listed in a note
+(``bench.rows.config_settings``).
 
 Clean runs (``attack=none``, poison rate 0) are shown in every poison-rate table of their
 dataset/model, as the first attack row, so each table carries its clean reference.
@@ -35,7 +38,7 @@ from omegaconf import DictConfig
 
 from bench.errors import BenchError
 from bench.rerun import classify
-from bench.rows import atomic_write, latest_per_cell, load_results
+from bench.rows import NOT_STORED, atomic_write, latest_per_cell, load_results, main_settings
 
 log = logging.getLogger("bench")
 
@@ -117,6 +120,67 @@ def attack_settings(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(attack=rows.apply(name, axis=1))
 
 
+def setting_names(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` (``latest_per_cell``'s) with every row outside its group's main setting
+    (``bench.rows.main_settings``) named by its setting, so that it is a line of its own:
+    ``badnets [train.epochs=4]`` for a value outside ``defense.*`` (the attack's row of every
+    table, all defenses together), ``dlp [defense.params.simclr.epochs=40]`` for the defense's.
+    Rows of the main setting, and of cells whose stored configs agree, keep the plain name."""
+    if rows.empty or "attack_setting" not in rows:
+        return rows
+    main = main_settings(rows)
+
+    def tag(names: pd.Series, col: str) -> list[str]:
+        return [n if keep or not label else f"{n} [{label}]"
+                for n, label, keep in zip(names, rows[col], main[col], strict=True)]
+
+    return rows.assign(attack=tag(rows.attack, "attack_setting"),
+                       defense=tag(rows.defense, "defense_setting"))
+
+
+def _seeds(rows: pd.DataFrame, by_defense: bool) -> str:
+    """``seeds 0, 2`` or, per defense, ``none: seed 1; abl: seeds 0, 1``."""
+    def seeds(g: pd.DataFrame) -> str:
+        s = sorted(pd.to_numeric(g.seed, errors="coerce").dropna().astype(int))
+        return f"seed{'s' if len(s) != 1 else ''} {', '.join(map(str, s))}"
+
+    if not by_defense:
+        return seeds(rows)
+    return "; ".join(f"{d}: {seeds(g)}" for d, g in rows.groupby("defense", sort=True))
+
+
+def setting_note(rows: pd.DataFrame) -> list[str]:
+    """One bullet per cell whose rows ran stored configs that differ in a value other than the
+    seed (``bench.rows.config_settings``): the main setting's values and row count under the
+    plain name, then every other setting's line and its rows. ``rows`` has the leaderboard's
+    attack names (``attack_settings``), not yet ``setting_names``."""
+    if rows.empty or "attack_setting" not in rows:
+        return []
+    main, bullets = main_settings(rows), []
+    levels = ((["dataset", "model", "attack", "poison_rate"], "attack_setting", "attack"),
+              (GROUP, "defense_setting", "defense"))
+    for by, col, name in levels:
+        for key, g in rows[rows[col] != ""].groupby(by, dropna=False, sort=True):
+            where = " · ".join(map(str, key[:3])) + (f" / {key[3]}" if name == "defense" else "")
+            parts = []
+            for label, h in g.groupby(col, sort=True):
+                line = h[name].iloc[0]
+                if main.loc[h.index, col].all():
+                    n = len(h)
+                    parts.insert(0, f"`{line}` ran {label} ({n} row{'s' if n != 1 else ''})")
+                else:
+                    parts.append(f"`{line} [{label}]` ({_seeds(h, name == 'attack')})")
+            bullets.append(f"- {where} @ {float(key[-1]):g}: " + "; ".join(parts))
+    if not bullets:
+        return []
+    n = len(bullets)
+    return [f"{n} cell{'s' if n != 1 else ''} split by stored config (their rows differ in a "
+            "config value other than the seed, so each setting is a line of its own, named by "
+            "those values unless most of the cell's rows ran it; a key that only some rows "
+            f"store splits nothing, and `{NOT_STORED}` marks rows that predate stored "
+            "configs):", "", *bullets, ""]
+
+
 def leaderboard(ok: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, attack, defense, poison_rate): ``<metric>_{mean,std,n}``.
 
@@ -185,11 +249,13 @@ def failed_note(failed: pd.DataFrame) -> list[str]:
 
 
 def superseded_note(superseded: pd.DataFrame | None) -> list[str]:
-    """One bullet per ok row left out because a newer config of its cell and seed exists."""
+    """One bullet per ok row left out because a newer config of its cell, setting and seed
+    exists (``bench.rows.latest_per_cell``)."""
     if superseded is None or superseded.empty:
         return []
     lines = [f"{len(superseded)} superseded row{'s' if len(superseded) != 1 else ''} left out "
-             "(a newer config of the same cell and seed exists; rerun or delete them):", ""]
+             "(a newer config of the same cell, setting and seed exists; rerun or delete "
+             "them):", ""]
     lines += [f"- {rid}" for rid in superseded.run_id]
     return [*lines, ""]
 
@@ -292,14 +358,15 @@ def mixed_compute_note(ok: pd.DataFrame) -> list[str]:
 
 def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok: int,
              superseded: pd.DataFrame | None = None, mixed: list[str] | None = None,
-             stale: list[str] | None = None) -> str:
-    """The whole ``leaderboard.md``; ``mixed`` and ``stale`` are ``mixed_compute_note``'s and
-    ``stale_note``'s lines."""
+             stale: list[str] | None = None, split: list[str] | None = None) -> str:
+    """The whole ``leaderboard.md``; ``mixed``, ``stale`` and ``split`` are
+    ``mixed_compute_note``'s, ``stale_note``'s and ``setting_note``'s lines."""
     lines = [f"# Leaderboard — {results_dir}", "",
              f"{n_ok + len(failed)} runs: {n_ok} ok, {len(failed)} failed.", "", HEADER, ""]
     if not n_ok:
         lines += [f"**no successful runs in {results_dir}**", ""]
-    return "\n".join(lines + failed_note(failed) + superseded_note(superseded) + (mixed or [])
+    return "\n".join(lines + failed_note(failed) + superseded_note(superseded) + (split or [])
+                     + (mixed or [])
                      + (stale or []) + _sections(board)).rstrip() + "\n"
 
 
@@ -412,18 +479,21 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
     ok, failed = rows[rows.status == "ok"], rows[rows.status != "ok"]
     ok, superseded = latest_per_cell(ok)
     named = attack_settings(ok)
+    split = setting_note(named)
+    named = setting_names(named)
     board, mixed = leaderboard(named), mixed_compute_note(named)
     stale = stale_note(ok, results_dir)
     notes = [f"no successful runs in {results_dir}"] if ok.empty else []
     notes += [f"{len(failed)} failed run(s), listed in leaderboard.md"] if len(failed) else []
     notes += ([f"{len(superseded)} superseded row(s) left out, listed in leaderboard.md"]
               if len(superseded) else [])
+    notes += [split[0].split(" (")[0] + ", listed in leaderboard.md"] if split else []
     notes += [mixed[0].rstrip(":") + ", listed in leaderboard.md"] if mixed else []
     notes += [stale[0].split(";")[0].rstrip(".:") + ", listed in leaderboard.md"] if stale else []
     paths = {"leaderboard.csv": out / "leaderboard.csv", "leaderboard.md": out / "leaderboard.md"}
     atomic_write(paths["leaderboard.csv"], board.to_csv(index=False))
     atomic_write(paths["leaderboard.md"],
-                 markdown(board, failed, results_dir, len(ok), superseded, mixed, stale))
+                 markdown(board, failed, results_dir, len(ok), superseded, mixed, stale, split))
     if not ok.empty:
         paths["ba_vs_asr.png"] = ba_vs_asr(board, out / "ba_vs_asr.png")
         paths["stage_cost.png"] = stage_cost(ok, out / "stage_cost.png")

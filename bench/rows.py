@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -129,18 +130,126 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
 
 
 CELL = ["dataset", "model", "attack", "target", "label_mode", "defense", "poison_rate", "seed"]
+# a row's setting (``config_settings``): at the attack level among the rows of its attack
+# setting, every defense and seed together; at the defense level among the rows of its cell
+SETTING = ["attack_setting", "defense_setting"]
+NOT_STORED = "config not stored"
+
+
+def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested dict."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _flat_config(raw: Any) -> dict[str, Any] | None:
+    """A row's stored config as dotted keys without ``seed``; None when it has none (older rows)
+    or it is unreadable."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return None
+    if not isinstance(raw, dict):
+        return None
+    return {k: v for k, v in _leaves(raw).items() if k != "seed"}
+
+
+def _same(v: Any) -> str:
+    """A comparable form of a config value: 1 and 1.0 alike, lists and tuples alike."""
+    def norm(x: Any) -> Any:
+        if isinstance(x, int | float) and not isinstance(x, bool):
+            return float(x)
+        return [norm(y) for y in x] if isinstance(x, list | tuple) else x
+
+    return json.dumps(norm(v), sort_keys=True)
+
+
+def _labels(configs: list[dict[str, Any] | None]) -> list[str]:
+    """Per config of one group, ``key=value, …`` over the keys whose stored values differ within
+    the group (``key=?`` where a row does not store the key, ``NOT_STORED`` for a row without a
+    stored config); all ``""`` when no stored value differs. A key that only some rows store, with
+    one value among them, splits nothing: it was added or dropped between versions of the code
+    (``python -m bench.rerun --check`` and the report's stale note list such rows)."""
+    stored = [c for c in configs if c is not None]
+    keys = sorted({k for c in stored for k in c})
+    split = [k for k in keys if len({_same(c[k]) for c in stored if k in c}) > 1]
+    if not split:
+        return [""] * len(configs)
+    return [NOT_STORED if c is None else ", ".join(
+        f"{k}={(c[k] if isinstance(c[k], str) else json.dumps(c[k])) if k in c else '?'}"
+        for k in split) for c in configs]
+
+
+def _is_defense_key(key: str) -> bool:
+    return key == "defense" or key.startswith("defense.")
+
+
+def config_settings(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with ``attack_setting`` and ``defense_setting``: where rows that one line would
+    average stored configs that differ in a value (not the seed), each row's values of the keys
+    that differ (``_labels``), else ``""``. The attack level compares every key but
+    ``defense.*`` among the rows of one (dataset, model, attack, target, label mode, poison
+    rate), all defenses together, so that a no-defense row and the defended rows it is the
+    reference of carry the same label; the defense level compares ``defense.*`` among the rows of
+    one cell (``CELL`` without the seed)."""
+    configs = (rows["config"] if "config" in rows else pd.Series(None, index=rows.index)
+               ).map(_flat_config)
+
+    def level(by: list[str], keep: Any) -> list[str]:
+        part = [None if c is None else {k: v for k, v in c.items() if keep(k)} for c in configs]
+        out = [""] * len(rows)
+        for pos in rows.groupby(by, dropna=False, sort=False).indices.values():
+            for i, label in zip(pos, _labels([part[i] for i in pos]), strict=True):
+                out[i] = label
+        return out
+
+    if rows.empty:
+        return rows.assign(attack_setting=pd.Series(dtype=object),
+                           defense_setting=pd.Series(dtype=object))
+    base = [c for c in CELL if c not in ("defense", "seed")]
+    return rows.assign(attack_setting=level(base, lambda k: not _is_defense_key(k)),
+                       defense_setting=level(CELL[:-1], _is_defense_key))
+
+
+def main_settings(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per row of ``config_settings``, per level (``SETTING`` columns, booleans): whether it ran
+    its group's main setting, the one most of the group's rows ran; every row where the group
+    does not split. A tie leaves no main setting, and a row without a stored config is never in
+    it."""
+    out = pd.DataFrame(True, index=rows.index, columns=SETTING)
+    base = [c for c in CELL if c not in ("defense", "seed")]
+    for col, by in zip(SETTING, (base, CELL[:-1]), strict=True):
+        if rows.empty:
+            break
+        for pos in rows.groupby(by, dropna=False, sort=False).indices.values():
+            labels = rows[col].iloc[pos]
+            counts = labels[labels != NOT_STORED].value_counts()
+            top = (counts.index[0] if len(counts) == 1 or (len(counts) > 1
+                                                           and counts.iloc[0] > counts.iloc[1])
+                   else None)
+            out.iloc[pos, out.columns.get_loc(col)] = ((labels == "") | (labels == top)).values
+    return out
 
 
 def latest_per_cell(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(kept, superseded)``: the newest row of each (dataset, model, attack, target, label
-    mode, defense, poison rate, seed) cell and the older rows of the same cell. Two rows share a
-    cell but not a run id when the config hash changed in between (a new default, a new config
-    key), so the older one measured a config that no longer exists and must not count as another
-    seed. Rows that differ in target or label mode are different cells."""
+    """``(kept, superseded)``, both with ``config_settings``'s columns: the newest row of each
+    (dataset, model, attack, target, label mode, defense, poison rate, seed) cell and setting,
+    and the older rows of the same cell and setting. Two rows share a cell and setting but not a
+    run id when the config hash changed in between without a stored value changing (a key added
+    or dropped, or a row that predates stored configs), so the older one measured a config that
+    no longer exists and must not count as another seed. Rows that differ in target, label mode
+    or a stored config value (``dataset.limit_train``, ``train.epochs``, ``amp``, …) are
+    different cells."""
+    rows = config_settings(rows)
     if rows.empty:
         return rows, rows
     newest_last = rows.sort_values("timestamp", kind="stable", na_position="first")
-    old = newest_last.duplicated(CELL, keep="last")
+    old = newest_last.duplicated([*CELL, *SETTING], keep="last")
     return newest_last[~old].sort_index(), newest_last[old].sort_index()
 
 

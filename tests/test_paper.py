@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from bench import paper
-from bench.paper import EXPERIMENTS, Experiment, main, run_check
-from bench.rows import collect, write_row
+from bench.config import hash_of
+from bench.paper import EXPERIMENTS, Experiment, main, reduced_jobs, run_check
+from bench.rows import collect, load_results, write_row
 
 EXP = Experiment("Toy paper", "toy", "toy setting", ("badnets", "blended"), ("dbd",))
 REFERENCE = """source,dataset,model,attack,defense,poison_rate,ba,asr,ra,citation
@@ -28,13 +29,31 @@ REDUCED = {
 }
 
 
+def _config(attack: str, defense: str, seed: int = 0, **changed) -> dict:
+    """A toy stored config: what the toy reduced jobs compose, with ``changed`` keys."""
+    return {"dataset": {"name": "fashion_mnist", "limit_train": None}, "attack": {"name": attack},
+            "defense": {"name": defense}, "seed": seed, "amp": False} | changed
+
+
+def _job(attack: str, defense: str, seed: int = 0, **changed) -> dict:
+    """The ``config`` and ``config_hash`` of a row of that config."""
+    config = _config(attack, defense, seed, **changed)
+    return {"config": config, "config_hash": hash_of(config)}
+
+
+def toy_jobs(name: str) -> dict:
+    """The toy experiments' reduced jobs (``reduced_jobs``): every attack × defense at seed 0."""
+    return {(a, d, 0): _config(a, d) for a in ("badnets", "blended") for d in ("none", "dbd")}
+
+
 def _rows(folder: Path, cells: dict) -> None:
     for (attack, defense, seed), (ba, asr) in cells.items():
         write_row(folder, {"run_id": f"{attack}-{defense}-s{seed}", "dataset": "fashion_mnist",
                            "model": "cnn_small", "attack": attack, "defense": defense,
                            "poison_rate": 0.1, "seed": seed, "ba": ba, "asr": asr,
                            "status": "ok", "error": None,
-                           "timestamp": "2026-01-01T00:00:00+00:00"})
+                           "timestamp": "2026-01-01T00:00:00+00:00"}
+                  | _job(attack, defense, seed))
     write_row(folder, {"run_id": "badnets-dbd-s9", "attack": "badnets", "defense": "dbd",
                        "seed": 9, "ba": 0.0, "asr": 1.0, "status": "failed", "error": "boom"})
 
@@ -43,6 +62,7 @@ def _rows(folder: Path, cells: dict) -> None:
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     monkeypatch.setattr(paper, "EXPERIMENTS", {"toy": EXP})
     monkeypatch.setattr(paper, "KNOWN_GAPS", {})
+    monkeypatch.setattr(paper, "reduced_jobs", toy_jobs)
     ref = tmp_path / "reference"
     ref.mkdir()
     (ref / "toy.csv").write_text(REFERENCE)
@@ -105,10 +125,11 @@ def test_new_rows_merge_with_the_committed_runs_csv(setup: tuple[Path, Path]) ->
     results, ref = setup
     collect(results / "fashion_mnist")
     shutil.rmtree(results / "fashion_mnist" / "rows")
-    write_row(results / "fashion_mnist", {
-        "run_id": "blended-dbd-s0-newhash", "dataset": "fashion_mnist", "model": "cnn_small",
+    write_row(results / "fashion_mnist", {  # the job rerun: its row file replaces its line
+        "run_id": "blended-dbd-s0", "dataset": "fashion_mnist", "model": "cnn_small",
         "attack": "blended", "defense": "dbd", "poison_rate": 0.1, "seed": 0, "ba": 0.86,
-        "asr": 0.01, "status": "ok", "timestamp": "2026-02-01T00:00:00+00:00"})
+        "asr": 0.01, "status": "ok", "timestamp": "2026-02-01T00:00:00+00:00"}
+        | _job("blended", "dbd"))
     v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
     assert v["removes", "blended", "dbd"].value == pytest.approx(0.01)
     assert v["removes", "badnets", "dbd"].value == pytest.approx(0.02)
@@ -116,10 +137,10 @@ def test_new_rows_merge_with_the_committed_runs_csv(setup: tuple[Path, Path]) ->
 
 def test_newest_failed_run_is_missing_not_its_older_ok_row(setup: tuple[Path, Path]) -> None:
     results, ref = setup
-    write_row(results / "fashion_mnist", {
-        "run_id": "badnets-dbd-s0-newhash", "dataset": "fashion_mnist", "model": "cnn_small",
+    write_row(results / "fashion_mnist", {  # a forced rerun of the job that failed
+        "run_id": "badnets-dbd-s0-failed", "dataset": "fashion_mnist", "model": "cnn_small",
         "attack": "badnets", "defense": "dbd", "poison_rate": 0.1, "seed": 0, "status": "failed",
-        "error": "boom", "timestamp": "2026-02-01T00:00:00+00:00"})
+        "error": "boom", "timestamp": "2026-02-01T00:00:00+00:00"} | _job("badnets", "dbd"))
     v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
     assert v["removes", "badnets", "dbd"].status == "missing"
     assert v["removes", "badnets", "dbd"].fails
@@ -155,7 +176,7 @@ def test_ba_metric_compares_the_papers_own_clean_accuracy(setup: tuple[Path, Pat
         write_row(folder, {"run_id": f"badnets-{defense}", "attack": "badnets",
                            "defense": defense, "poison_rate": 0.1, "seed": 0, "ba": ba,
                            "ba_nt": ba_nt, "asr": 0.01, "status": "ok", "error": None,
-                           "timestamp": "2026-01-01T00:00:00+00:00"})
+                           "timestamp": "2026-01-01T00:00:00+00:00"} | _job("badnets", defense))
     v = _by(run_check(results / "paper", folder, results / "paper", ref))
     assert v["keeps_ba", "badnets", "dbd"].value == pytest.approx(0.01)  # not 0.10 of ``ba``
     assert v["keeps_ba", "badnets", "dbd"].status == "pass"
@@ -192,3 +213,89 @@ def test_superseded_rows_do_not_count(setup: tuple[Path, Path]) -> None:
         "asr": 0.9, "status": "ok", "error": None, "timestamp": "2000-01-01T00:00:00+00:00"})
     v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
     assert v["removes", "badnets", "dbd"].value == pytest.approx(0.02)
+
+
+def test_rows_of_another_config_are_listed_not_checked(setup: tuple[Path, Path]) -> None:
+    """A newer row of a checked cell and seed whose config is not the composed reduced job (bf16,
+    a training subset) neither replaces the job's row nor joins it: it is named, with its keys."""
+    results, ref = setup
+    write_row(results / "fashion_mnist", {
+        "run_id": "badnets-dbd-s0-quick", "dataset": "fashion_mnist", "model": "cnn_small",
+        "attack": "badnets", "defense": "dbd", "poison_rate": 0.1, "seed": 0, "ba": 0.60,
+        "asr": 0.50, "status": "ok", "error": None, "timestamp": "2026-12-06T00:00:00+00:00"}
+        | _job("badnets", "dbd", amp=True, dataset={"name": "fashion_mnist", "limit_train": 3000}))
+    v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
+    assert v["removes", "badnets", "dbd"].value == pytest.approx(0.02)
+    assert v["keeps_ba", "badnets", "dbd"].value == pytest.approx(0.07)
+    md = (results / "paper" / "toy.md").read_text()
+    assert "| badnets | dbd | 92.0 / 1.0 |  | 83.0 / 2.0 |  |" in md
+    assert ("Not checked: 1 `ok` row of these cells ran another config than `python -m bench "
+            "experiment=toy_reduced` composes (the keys that differ): `badnets-dbd-s0-quick` "
+            "(amp, dataset.limit_train).") in md
+
+
+def test_paper_cells_and_gap_pair_one_source(setup: tuple[Path, Path]) -> None:
+    """Reference rows of one cell from several sources are not averaged: each attack shows the
+    source that publishes both its no-defense and defended rows, and the paper's BA gap pairs
+    them; the other sources' rows are named."""
+    results, ref = setup
+    (ref / "toy.csv").write_text(
+        "source,dataset,model,attack,defense,poison_rate,ba,asr,ra,citation\n"
+        "board,cifar10,resnet18,badnets,dbd,0.1,0.86,0.03,,Toy board\n"
+        "demo,cifar10,resnet18,badnets,none,0.1,0.83,1.0,,Toy demo\n"
+        "demo,cifar10,resnet18,badnets,dbd,0.1,0.82,0.005,,Toy demo\n"
+        "log,cifar10,resnet18,badnets,dbd,0.1,0.92,0.002,,Toy log\n")
+    v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
+    # the demo's own gap, 0.83 - 0.82, not 0.83 minus the three sources' mean (0.8667)
+    assert v["keeps_ba", "badnets", "dbd"].threshold == "BA drop ≤ 0.060"
+    md = (results / "paper" / "toy.md").read_text()
+    assert "| badnets | none | 83.0 / 100.0 |" in md
+    assert "| badnets | dbd | 82.0 / 0.5 |" in md
+    assert "Paper column, one source per attack: `demo` (badnets)." in md
+    assert ("Published by other sources for these cells, not shown or used: `board` badnets/dbd "
+            "86.0 / 3.0; `log` badnets/dbd 92.0 / 0.2.") in md
+
+
+def test_committed_reduced_rows_are_the_composed_jobs() -> None:
+    """``reduced_jobs`` composes what ``python -m bench experiment=<name>_reduced`` runs: every
+    committed reduced row is one of those jobs, and every job of a checked cell has its row."""
+    rows = load_results(Path(__file__).resolve().parents[1] / "results" / "paper_reduced")
+    hashes = {}
+    for name in EXPERIMENTS:
+        hashes |= {hash_of(c): key for key, c in reduced_jobs(name).items()}
+    assert set(rows.config_hash) == set(hashes)
+    for r in rows.itertuples():
+        assert hashes[r.config_hash] == (r.attack, r.defense, r.seed)
+
+
+def test_abl_known_gaps_describe_the_committed_reduced_rows() -> None:
+    """The reduced variants pin amp=false, so the ABL notes describe fp32 rows, with the
+    isolation precision those rows record."""
+    root = Path(__file__).resolve().parents[1]
+    assert "amp: false" in (root / "conf/experiment/abl_cifar10_reduced.yaml").read_text()
+    rows = load_results(root / "results" / "paper_reduced").set_index(["attack", "defense"])
+    for attack in ("badnets", "blended"):
+        r = rows.loc[attack, "abl"]
+        for claim in ("removes", "keeps_ba"):
+            note = paper.KNOWN_GAPS["abl_cifar10", claim, attack, "abl"]
+            assert f"precision {r.iso_precision:.2f}" in note and "amp=false" in note
+            assert f"ASR {r.asr:.3f}" in note and f"BA_nt {r.ba_nt:.3f}" in note
+            assert "amp=auto" not in note and "holds in bf16" not in note
+
+
+def test_main_table_shows_its_main_setting_only(setup: tuple[Path, Path]) -> None:
+    """The main table's column averages the rows of a cell's main setting; a row of another
+    stored config is left out and counted, not averaged in as one more seed."""
+    results, ref = setup
+    _rows(results / "main", {("badnets", "dbd", 0): (0.75, 0.30),
+                             ("badnets", "dbd", 1): (0.73, 0.50)})
+    write_row(results / "main", {
+        "run_id": "badnets-dbd-s2-quick", "dataset": "fashion_mnist", "model": "cnn_small",
+        "attack": "badnets", "defense": "dbd", "poison_rate": 0.1, "seed": 2, "ba": 0.10,
+        "asr": 0.90, "status": "ok", "error": None, "timestamp": "2026-01-01T00:00:00+00:00"}
+        | _job("badnets", "dbd", 2, dataset={"name": "fashion_mnist", "limit_train": 3000}))
+    run_check(results / "paper", results / "fashion_mnist", results / "paper", ref,
+              main_dir=results / "main")
+    md = (results / "paper" / "toy.md").read_text()
+    assert "| badnets | dbd | 92.0 / 1.0 |  | 83.0 / 2.0 | 74.0 / 40.0 (n = 2) |" in md
+    assert "Left out: 1 row of the main table under another setting" in md

@@ -253,3 +253,72 @@ def test_fresh_clone_reports_the_committed_runs_csv(tmp_path: Path) -> None:
     write_row(tmp_path, make_row("badnets", "none", 2, ba=0.90, asr=1.0))
     board = pd.read_csv(report(tmp_path)["leaderboard.csv"])
     assert board.ba_n.tolist() == [3] and board.ba_mean.tolist() == pytest.approx([0.80])
+
+
+def _config(seed: int, defense: str = "none", **changed) -> dict:
+    """A stored config (``bench.config.hashed_config``'s shape, cut down) with ``changed``."""
+    cfg = {"dataset": {"name": "toy", "limit_train": None}, "attack": {"name": "badnets"},
+           "defense": {"name": defense, "params": {"epochs": 20} if defense != "none" else {}},
+           "train": {"epochs": 15}, "seed": seed, "amp": True}
+    for key, value in changed.items():  # "train__epochs" -> cfg["train"]["epochs"]
+        *parents, leaf = key.split("__")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def test_rows_of_another_config_are_separate_lines_not_seeds(tmp_path: Path) -> None:
+    """Rows of one cell whose stored configs differ in a value other than the seed are never
+    averaged as seeds, nor does the newer supersede the older: the setting most rows ran keeps
+    the plain name, the other is a line named by the differing values (a value outside
+    ``defense.*`` names the attack's row, with its own DER reference), and a note lists both.
+    A key only some rows store (added between versions) splits nothing; a row without a stored
+    config cannot be placed in a split cell and is a line of its own."""
+    quick = {"dataset__limit_train": 3000, "train__epochs": 4}
+    rows = [("none", 0, 0.90, 0.95, {}), ("none", 1, 0.92, 0.97, {}),
+            ("none", 1, 0.30, 0.10, quick),  # newer, same seed: not a superseding rerun
+            ("abl", 0, 0.88, 0.02, {}), ("abl", 1, 0.86, 0.04, {"defense__variant": None}),
+            ("abl", 2, 0.84, 0.06, None),  # predates stored configs
+            ("abl", 0, 0.20, 0.50, quick)]
+    for i, (defense, seed, ba, asr, changed) in enumerate(rows):
+        row = make_row("badnets", defense, seed, ba=ba, asr=asr,
+                       timestamp=f"2026-01-0{i + 1}T00:00:00+00:00")
+        if changed is not None:
+            row["config"] = _config(seed, defense, **changed)
+        write_row(tmp_path, row | {"run_id": f"{row['run_id']}-{i}"})
+    built = report(tmp_path)
+    board = pd.read_csv(built["leaderboard.csv"]).set_index(["attack", "defense"])
+    named = "badnets [dataset.limit_train=3000, train.epochs=4]"
+    assert board.ba_mean.to_dict() == pytest.approx({
+        ("badnets", "none"): 0.91, ("badnets", "abl"): 0.87, (named, "none"): 0.30,
+        (named, "abl"): 0.20, ("badnets [config not stored]", "abl"): 0.84})
+    assert board.ba_n[("badnets", "abl")] == 2 and board.ba_n[(named, "none")] == 1
+    # DER against the none line of the same setting: the main one per seed, (0.93 - 0.02 + 1) / 2
+    # and (0.93 - 0.06 + 1) / 2; the quick one (BA 0.30, ASR 0.10): (0 - 0.10 + 1) / 2
+    assert board.der_mean[("badnets", "abl")] == pytest.approx(0.945)
+    assert board.der_mean[(named, "abl")] == pytest.approx(0.45)
+    md = built["leaderboard.md"].read_text()
+    assert "superseded" not in md
+    assert "1 cell split by stored config" in md
+    assert ("- toy · cnn · badnets @ 0.1: `badnets` ran dataset.limit_train=null, "
+            "train.epochs=15 (4 rows); `badnets [config not stored]` (abl: seed 2); "
+            f"`{named}` (abl: seed 0; none: seed 1)") in md
+    assert f"| {named} | 30.0 / 10.0 | 20.0 / 50.0 |" in md
+
+
+def test_defense_settings_split_their_column_and_a_tie_names_both(tmp_path: Path) -> None:
+    """Values under ``defense.*`` split the defense, not the attack; with as many rows of each
+    setting, neither is the main one and both lines are named."""
+    for seed, epochs, ba in ((0, 20, 0.80), (1, 40, 0.70)):
+        write_row(tmp_path, make_row("badnets", "dbd", seed, ba=ba, asr=0.1,
+                                     config=_config(seed, "dbd", defense__params__epochs=epochs)))
+    write_row(tmp_path, make_row("badnets", "none", 0, ba=0.9, asr=0.9, config=_config(0)))
+    built = report(tmp_path)
+    board = pd.read_csv(built["leaderboard.csv"]).set_index(["attack", "defense"])
+    assert board.ba_mean.to_dict() == {
+        ("badnets", "none"): 0.9, ("badnets", "dbd [defense.params.epochs=20]"): 0.8,
+        ("badnets", "dbd [defense.params.epochs=40]"): 0.7}
+    assert ("- toy · cnn · badnets / dbd @ 0.1: `dbd [defense.params.epochs=20]` (seed 0); "
+            "`dbd [defense.params.epochs=40]` (seed 1)") in built["leaderboard.md"].read_text()
