@@ -72,13 +72,18 @@ def unknown_key(key: str, argv: list[str]) -> str | None:
     ``attack.params.nosuch`` for the attack chosen on the command line), else None. Keys of free
     mappings (``model.kwargs.*``) and sections an experiment may change are not checked."""
     from attacks import ATTACKS
-    from bench.config import DatasetCfg, DefenseCfg, ModelCfg
+    from bench.config import DatasetCfg, DefenseCfg, ModelCfg, RunConfig
     from bench.logger import LoggerCfg
     from bench.poison import AttackSpec
     from bench.train import TrainCfg
     from defenses import DEFENSES
 
     head, *parts = key.split(".")
+    if not parts:
+        valid = [f.name for f in dataclasses.fields(RunConfig) if f.name not in GROUPS]
+        if head in valid or head in GROUPS or head.endswith("_dataset") or head.endswith("scale"):
+            return None
+        return f"unknown key {key}; valid: {', '.join(valid)}; groups: {', '.join(GROUPS)}"
     roots: list[tuple[str, str, type | None]] = []
     static = {"train": TrainCfg, "dataset": DatasetCfg, "model": ModelCfg, "logger": LoggerCfg}
     if head in static:

@@ -94,5 +94,7 @@ def test_unknown_key_checks_only_what_it_can_know():
                       ("attack.params.anything", ["experiment=dbd_cifar10"])]:
         assert unknown_key(key, argv) is None, key
     assert "valid under train.augment: crop_pad" in unknown_key("train.augment.nope", [])
+    assert unknown_key("sed", []).startswith("unknown key sed; valid: seed, amp, channels_last")
+    assert unknown_key("seed", []) is None and unknown_key("experiment", []) is None
     assert unknown_key("defense.params.gamma", ["defense=dbd"]).startswith(
         "unknown key defense.params.gamma; valid under defense.params (defense 'dbd'):")
