@@ -147,13 +147,13 @@ class ValidateSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-        task = list(config.hydra.overrides.task)
+        task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # as Hydra
         parsed = OverridesParser.create().parse_overrides(params + task)
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
         for num, job in enumerate(jobs):
             try:
-                from_dict(OmegaConf.to_container(compose(config_name="config", overrides=job),
-                                                 resolve=True))
+                job_cfg = compose(config_name=config.hydra.job.config_name, overrides=job)
+                from_dict(OmegaConf.to_container(job_cfg, resolve=True))
             except BenchError as e:
                 sys.stderr.write(f"error: sweep job #{num} ({' '.join(job)}): {e}; nothing "
                                  f"was run\n")

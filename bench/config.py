@@ -11,9 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from attacks import ATTACKS
 from bench.errors import ConfigError
 from bench.logger import LoggerCfg
+from bench.models import check_model
 from bench.poison import AttackSpec
 from bench.registry import build_params, typed
 from bench.train import TrainCfg
@@ -52,6 +55,9 @@ class ModelCfg:
     name: str = "cnn_small"
     kwargs: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_model(self.name, self.kwargs)
+
 
 @dataclass(frozen=True)
 class DefenseCfg:
@@ -87,6 +93,14 @@ class RunConfig:
     progress: bool | None = None
     force: bool = False
     logger: LoggerCfg = field(default_factory=LoggerCfg)  # tracking only: not in the hash
+
+    def __post_init__(self) -> None:
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"unknown device '{self.device}'; use auto, cpu, cuda, cuda:N "
+                                  "or another torch device type") from None
 
 
 WHERE_KEYS = ("results_dir", "data_root", "device", "threads", "progress", "force",

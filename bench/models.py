@@ -67,17 +67,25 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn
     """
     if name.startswith(TIMM_PREFIX):
         return _create_timm(name[len(TIMM_PREFIX) :], num_classes, in_chans, **kwargs)
+    check_model(name, kwargs)
+    return MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def check_model(name: str, kwargs: dict) -> None:
+    """Raise ``ModelError`` for an unknown registered model or kwarg name (what can be told
+    without building it; timm models are checked by timm when built)."""
+    if name.startswith(TIMM_PREFIX):
+        return
     if name not in MODELS:
         known = ", ".join(list_models())
         raise ModelError(f"unknown model {name!r}; known: {known}; or {TIMM_PREFIX}<name>")
-    fn = MODELS[name]
-    valid = [p for p in inspect.signature(fn).parameters if p not in ("num_classes", "in_chans")]
+    valid = [p for p in inspect.signature(MODELS[name]).parameters
+             if p not in ("num_classes", "in_chans")]
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise ModelError(
             f"model {name!r} got unknown kwargs {unknown}; valid: {', '.join(valid) or 'none'}"
         )
-    return fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 class Classifier(nn.Module):

@@ -81,9 +81,13 @@ def _convert(value: Any, tp: Any) -> Any:
                 except _Mismatch:
                     pass
         raise _Mismatch
-    if tp is bool or tp is str:
-        if isinstance(value, tp):
+    if tp is bool:
+        if isinstance(value, bool):
             return value
+        raise _Mismatch
+    if tp is str:  # results_dir=2024 arrives as an int from the command line
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
         raise _Mismatch
     if tp is int or tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool) and (

@@ -55,6 +55,8 @@ def test_unknown_keys_are_one_line_errors():
     (["train.milestones=[a]"], r"^train\.milestones must be tuple\[int, \.\.\.\]"),
     (["attack.params.size=2.5"], r"^attack 'badnets'\.size must be int, got 2\.5$"),
     (["dataset.limit_train=-5"], r"^dataset: limit_train must be >= 1 or null"),
+    (["device=tpu0"], r"^unknown device 'tpu0'; use auto, cpu, cuda"),
+    (["+model.kwargs.depth=3"], r"^model: model 'cnn_small' got unknown kwargs \['depth'\]"),
     (["dataset.limit_test=0"], r"^dataset: limit_test must be >= 1 or null"),
     (["defense=abl", "defense.params.gamma=0"], r"abl gamma must be > 0"),
     (["defense=abl", "defense.params.unlearn.normalize=true"], r"abl .* must share normalize"),
@@ -70,10 +72,36 @@ def test_impossible_values_fail_when_the_config_is_built(overrides, match):
 
 
 def test_values_take_their_field_type():
-    """Ints widen to float and lists become tuples, so equal settings hash equally."""
-    cfg = compose_cfg(["train.lr=1", "train.milestones=[3,6]"])
+    """Ints widen to float, lists become tuples (so equal settings hash equally), and a text
+    field takes a number as its text (results_dir=2024 arrives as an int)."""
+    cfg = compose_cfg(["train.lr=1", "train.milestones=[3,6]", "results_dir=2024"])
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.milestones == (3, 6)
+    assert cfg.results_dir == "2024"
+
+
+@pytest.mark.parametrize("overrides, ok", [
+    (["results_dir=runs/${now:%Y%m%d}", "seed=0,1"], True),  # resolved per job, as Hydra does
+    (["model.kwargs.width=0.5,0.25"], True),
+    (["+model.kwargs.depth=1,2"], False),
+    (["device=cpu,tpu0"], False),
+])
+def test_sweep_validation_builds_each_job_as_it_will_run(overrides, ok):
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from bench.cli import ValidateSweep
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose("config", [], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.overrides.task = overrides  # the command line of a multirun
+        if ok:
+            ValidateSweep().on_multirun_start(cfg)
+        else:
+            with pytest.raises(SystemExit) as e:
+                ValidateSweep().on_multirun_start(cfg)
+            assert e.value.code == 2
 
 
 def test_a_partial_nested_section_keeps_the_defense_defaults():
