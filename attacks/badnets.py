@@ -67,6 +67,8 @@ class BadNets(Attack):
         super().__init__(params, shape, gen)
         c, h, w = shape
         s = params.size
+        if s < 1:
+            raise ConfigError(f"badnets size must be >= 1 (the patch side in pixels), got {s}")
         if params.pattern == "white":
             patch = torch.full((c, s, s), 255, dtype=torch.uint8)
         elif params.pattern == "checkerboard":

@@ -86,6 +86,12 @@ def test_rate_outside_open_interval_is_an_error(rate):
         poison(image_set(40), image_set(8), spec(rate=rate), seed=0)
 
 
+@pytest.mark.parametrize("size", [0, -3])
+def test_badnets_patch_side_below_one_is_a_config_error(size):
+    with pytest.raises(ConfigError, match="badnets size must be >= 1"):
+        poison(image_set(40), image_set(8), spec(size=size), seed=0)
+
+
 def test_target_out_of_range_and_too_many_samples():
     with pytest.raises(ConfigError, match="target"):
         poison(image_set(40), image_set(8), spec(target=4), seed=0)
