@@ -84,6 +84,11 @@ def unknown_key(key: str, argv: list[str]) -> str | None:
         if head in valid or head in GROUPS or head.endswith("_dataset") or head.endswith("scale"):
             return None
         return f"unknown key {key}; valid: {', '.join(valid)}; groups: {', '.join(GROUPS)}"
+    if head in ("attack", "logger") and parts != ["name"]:
+        default = "badnets" if head == "attack" else "none"
+        if _chosen(head, argv, default) == ["none"]:
+            pick = "an attack (attack=badnets, ...)" if head == "attack" else "logger=wandb"
+            return f"{key} has no effect with {head}=none; choose {pick} or drop the key"
     roots: list[tuple[str, str, type | None]] = []
     static = {"train": TrainCfg, "dataset": DatasetCfg, "model": ModelCfg, "logger": LoggerCfg}
     if head in static:

@@ -96,5 +96,9 @@ def test_unknown_key_checks_only_what_it_can_know():
     assert "valid under train.augment: crop_pad" in unknown_key("train.augment.nope", [])
     assert unknown_key("sed", []).startswith("unknown key sed; valid: seed, amp, channels_last")
     assert unknown_key("seed", []) is None and unknown_key("experiment", []) is None
+    assert unknown_key("attack.poison_rate", ["attack=none"]).startswith(
+        "attack.poison_rate has no effect with attack=none; choose an attack")
+    assert "choose logger=wandb" in unknown_key("logger.project", [])
+    assert unknown_key("logger.project", ["logger=wandb"]) is None
     assert unknown_key("defense.params.gamma", ["defense=dbd"]).startswith(
         "unknown key defense.params.gamma; valid under defense.params (defense 'dbd'):")
