@@ -19,6 +19,7 @@ from bench.logger import LoggerCfg
 from bench.models import check_model
 from bench.poison import AttackSpec
 from bench.registry import build_params, typed
+from bench.rows import flatten
 from bench.train import TrainCfg
 from defenses import DEFENSES
 
@@ -159,19 +160,10 @@ def hash_of(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
-
-
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose value differs between two config dicts (``+key``: only in ``new``,
     ``-key``: only in ``old``)."""
-    a, b = _flat(dict(old)), _flat(dict(new))
+    a, b = flatten(dict(old)), flatten(dict(new))
     return sorted([f"-{k}" for k in a.keys() - b.keys()] + [f"+{k}" for k in b.keys() - a.keys()]
                   + [k for k in a.keys() & b.keys() if a[k] != b[k]])
 

@@ -136,13 +136,13 @@ SETTING = ["attack_setting", "defense_setting"]
 NOT_STORED = "config not stored"
 
 
-def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` for every leaf of a nested dict."""
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested dict (a stored config's dotted keys)."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out |= _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        out |= flatten(v, f"{prefix}.{k}" if prefix else str(k))
     return out
 
 
@@ -156,7 +156,7 @@ def _flat_config(raw: Any) -> dict[str, Any] | None:
             return None
     if not isinstance(raw, dict):
         return None
-    return {k: v for k, v in _leaves(raw).items() if k != "seed"}
+    return {k: v for k, v in flatten(raw).items() if k != "seed"}
 
 
 def _same(v: Any) -> str:
