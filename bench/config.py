@@ -97,11 +97,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ConfigError(f"unknown device '{self.device}'; use auto, cpu, cuda, cuda:N "
-                                  "or another torch device type") from None
+            parse_device(self.device)
+
+
+def parse_device(name: str) -> torch.device:
+    """``torch.device(name)``, or a ``ConfigError`` naming the valid forms."""
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or another "
+                          "torch device type") from None
 
 
 WHERE_KEYS = ("results_dir", "data_root", "device", "threads", "progress", "force",

@@ -15,9 +15,9 @@ import torch
 
 import bench
 from bench import metrics
-from bench.config import RunConfig, config_hash, hashed_config, to_dict
+from bench.config import RunConfig, config_hash, hashed_config, parse_device, to_dict
 from bench.data import ImageSet, load_dataset
-from bench.errors import BenchError, ConfigError
+from bench.errors import BenchError
 from bench.logger import make_logger, tracked
 from bench.models import create_model
 from bench.poison import PoisonedTrain, PrepareContext, TriggeredTest, clean, poison
@@ -35,11 +35,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError("device=cuda but no CUDA device is visible; use device=cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or another "
-                          "torch device type") from None
+    return parse_device(name)
 
 
 def git_sha() -> str:
