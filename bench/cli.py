@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bench.config import from_dict
+from bench.config import RunConfig, from_dict
 from bench.errors import BenchError
 from bench.rows import collect
 from bench.run import run_and_record, summary
@@ -144,6 +144,21 @@ def check_overrides(argv: list[str]) -> None:
                 sys.exit(2)
 
 
+def sweep_jobs(config: DictConfig, task: list[str]) -> list[list[str]]:
+    """The override list of every job of a multirun, as Hydra's basic sweeper expands them:
+    ``config``'s ``hydra.sweeper.params`` with the command line's ``task`` overrides."""
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + list(task))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def job_config(config_name: str, job: list[str]) -> RunConfig:
+    """A job's typed config, composed from its overrides as the job will compose it (needs an
+    initialised Hydra: inside the app, or ``initialize_config_module``)."""
+    return from_dict(OmegaConf.to_container(compose(config_name=config_name, overrides=job),
+                                            resolve=True))
+
+
 class ValidateSweep(Callback):
     """Before a multirun launches anything, build every job's typed config the way the job
     will (its sweep overrides composed, then ``from_dict``): one impossible value in a sweep
@@ -151,14 +166,10 @@ class ValidateSweep(Callback):
     the jobs before it (Hydra's sweeper itself only checks that each job composes)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
         task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # as Hydra
-        parsed = OverridesParser.create().parse_overrides(params + task)
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-        for num, job in enumerate(jobs):
+        for num, job in enumerate(sweep_jobs(config, task)):
             try:
-                job_cfg = compose(config_name=config.hydra.job.config_name, overrides=job)
-                from_dict(OmegaConf.to_container(job_cfg, resolve=True))
+                job_config(config.hydra.job.config_name, job)
             except BenchError as e:
                 sys.stderr.write(f"error: sweep job #{num} ({' '.join(job)}): {e}; nothing "
                                  f"was run\n")

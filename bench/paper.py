@@ -33,7 +33,6 @@ table's rows, ``--main``, of each cell's main setting are shown beside, never ch
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -44,7 +43,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.config import config_diff, from_dict, hash_of, hashed_config
+from bench.config import config_diff, hash_of, hashed_config
 from bench.errors import BenchError
 from bench.rows import atomic_write, latest_per_cell, load_results, main_settings
 
@@ -187,16 +186,14 @@ def _main_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def reduced_jobs(name: str) -> dict[tuple[str, str, int], dict[str, Any]]:
     """``(attack, defense, seed) -> hashed config`` of every job of ``<name>_reduced`` as this
     version composes it: the rows ``python -m bench experiment=<name>_reduced`` computes."""
-    from hydra import compose, initialize_config_module  # composition, as the CLI does it
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_module
+
+    from bench.cli import job_config, sweep_jobs  # expanded and composed as the CLI does it
 
     base, jobs = [f"experiment={name}_reduced"], {}
     with initialize_config_module(config_module="conf", version_base="1.3"):
-        params = compose("config", base, return_hydra_config=True).hydra.sweeper.params
-        grid = {k: [v.strip() for v in str(opts).split(",")] for k, opts in params.items()}
-        for values in itertools.product(*grid.values()):
-            job = [f"{k}={v}" for k, v in zip(grid, values, strict=True)]
-            cfg = from_dict(OmegaConf.to_container(compose("config", base + job), resolve=True))
+        for job in sweep_jobs(compose("config", base, return_hydra_config=True), base):
+            cfg = job_config("config", job)
             jobs[cfg.attack.name if cfg.attack else "none", cfg.defense.label, cfg.seed] = (
                 hashed_config(cfg))
     return jobs
