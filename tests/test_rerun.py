@@ -10,10 +10,16 @@ import torch
 import bench.rerun
 from bench.config import config_diff, config_hash, from_dict, hash_of, hashed_config
 from bench.rerun import check, main
-from bench.rows import _EXACT_FLOATS, collect, load_results
+from bench.rows import _EXACT_FLOATS, _TEXT, collect, load_results
 from bench.run import run_and_record
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def read_runs(path) -> pd.DataFrame:
+    """A ``runs.csv`` as the project reads it: identifiers stay text (a commit like 1270331 is
+    all digits), floats exact."""
+    return pd.read_csv(path, dtype=dict.fromkeys(_TEXT, str), **_EXACT_FLOATS)
 
 
 def test_row_stores_the_config_its_hash_covers(tiny_cfg):
@@ -21,7 +27,7 @@ def test_row_stores_the_config_its_hash_covers(tiny_cfg):
     row = run_and_record(cfg)
     assert row["config"] == hashed_config(cfg) and hash_of(row["config"]) == row["config_hash"]
     assert "results_dir" not in row["config"] and "threads" not in row["config"]
-    line = pd.read_csv(collect(cfg.results_dir)).iloc[0]
+    line = read_runs(collect(cfg.results_dir)).iloc[0]
     stored = json.loads(line.config)
     assert hash_of(stored) == line.config_hash
     assert config_hash(from_dict(stored)) == line.config_hash  # rebuilds to the same config
@@ -59,7 +65,7 @@ def _stale_csv(tiny_cfg, tmp_path) -> tuple[Path, str]:
     cfg = tiny_cfg("train.epochs=1")
     row = run_and_record(cfg)
     collect(cfg.results_dir)
-    df = pd.read_csv(Path(cfg.results_dir) / "runs.csv", **_EXACT_FLOATS)
+    df = read_runs(Path(cfg.results_dir) / "runs.csv")
     old = json.loads(df.config[0])
     del old["defense"]["variant"]
     h = hash_of(old)
@@ -88,7 +94,7 @@ def test_rerun_refuses_rows_it_cannot_trust(tiny_cfg, tmp_path, capsys):
     collect(cfg.results_dir)
     csv = Path(cfg.results_dir) / "runs.csv"
     (Path(cfg.results_dir) / "rows" / f"{rid}.json").unlink()  # only the csv line is left
-    df = pd.read_csv(csv, **_EXACT_FLOATS)
+    df = read_runs(csv)
     for edit, message in [(lambda d: d.assign(config=None), "predates stored configs"),
                           (lambda d: d.assign(config=d.config.str.replace(
                               '"epochs": 1', '"epochs": 3')), "edited by hand"),
@@ -112,7 +118,7 @@ def test_committed_rows_store_the_config_they_ran(folder):
     """Every committed row's stored config hashes to its config hash (two rows predate stored
     configs and were not recovered); every reduced row rebuilds with this version, so the rows
     CI computes and the committed ones shown beside them share their configs."""
-    df = pd.read_csv(REPO / "results" / folder / "runs.csv", **_EXACT_FLOATS)
+    df = read_runs(REPO / "results" / folder / "runs.csv")
     stored = df[df.config.notna()]
     assert len(df) - len(stored) <= 2
     assert all(hash_of(json.loads(c)) == h for c, h in zip(stored.config, stored.config_hash,
@@ -130,7 +136,7 @@ def test_leaderboard_lists_rows_this_version_builds_differently(tiny_cfg, tmp_pa
     assert "1 row ran under a config this version builds differently" in md
     assert "- +defense.variant: badnets/none (seed 0)" in md
     assert any(n.startswith("1 row ran under") for n in notes)
-    df = pd.read_csv(folder / "runs.csv", **_EXACT_FLOATS)
+    df = read_runs(folder / "runs.csv")
     df.assign(config=None).to_csv(folder / "runs.csv", index=False)
     build(folder)
     md = (folder / "report" / "leaderboard.md").read_text()
@@ -141,7 +147,7 @@ def test_check_lists_rows_it_cannot_build_or_read(tiny_cfg, tmp_path, capsys):
     from bench.report import stale_note
 
     folder, rid = _stale_csv(tiny_cfg, tmp_path)
-    df = pd.read_csv(folder / "runs.csv", **_EXACT_FLOATS)
+    df = read_runs(folder / "runs.csv")
     gone = json.loads(df.config[0]) | {"retired_key": 1}  # a key this version does not know
     h = hash_of(gone)
     df.loc[0, ["config", "config_hash", "run_id"]] = [json.dumps(gone), h, rid[:-12] + h]
