@@ -13,17 +13,16 @@ stored configs differ in a value other than the seed (``dataset.limit_train``, `
 Clean runs (``attack=none``, poison rate 0) are shown in every poison-rate table of their
 dataset/model, as the first attack row, so each table carries its clean reference.
 
-Besides ``bench/cli.py`` this is the only module that imports Hydra, for ``ReportCallback``.
+The notes come from ``bench.report_notes``, the figures from ``bench.plots``.
+
+It imports Hydra for ``ReportCallback`` only (``bench.cli`` is the other entry point).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,23 +30,24 @@ from typing import Any
 
 import pandas as pd
 from hydra.experimental.callback import Callback
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from omegaconf import DictConfig
 
 from bench.errors import BenchError
-from bench.rerun import classify
-from bench.rows import NOT_STORED, atomic_write, latest_per_cell, load_results, main_settings
+from bench.plots import ba_vs_asr, none_first, stage_cost
+from bench.report_notes import (
+    GROUP,
+    failed_note,
+    mixed_compute_note,
+    setting_note,
+    stale_note,
+    superseded_note,
+)
+from bench.rows import atomic_write, latest_per_cell, load_results, main_settings
 
 log = logging.getLogger("bench")
 
-GROUP = ["dataset", "model", "attack", "defense", "poison_rate"]
 STATS = ["ba", "ba_nt", "asr", "ra", "iso_precision", "iso_recall", "wall_s", "peak_mem_mb"]
 CSV_COLUMNS = GROUP + [f"{m}_{s}" for m in [*STATS, "der"] for s in ("mean", "std", "n")]
-DEFENSE_COLORS = {"none": "#444444", "abl": "#1f77b4", "dbd": "#2ca02c", "dlp": "#d62728"}
-FALLBACK_COLORS = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 HEADER = """\
 - **BA**: top-1 accuracy on the full clean test set (BA_nt, in the CSV: without the target
   class's test images, as ABL's code reports it).
@@ -56,11 +56,6 @@ HEADER = """\
 - **DER**: [max(0, ΔASR) − max(0, ΔBA) + 1] / 2 against `defense=none` (higher is better).
 
 Cells are mean±std over seeds when n > 1, in % (wall time in s); — means not applicable."""
-
-
-def none_first(names: Any) -> list[str]:
-    """Sorted unique names with ``none`` first."""
-    return sorted(set(names), key=lambda s: (s != "none", str(s)))
 
 
 def _order(df: pd.DataFrame) -> pd.DataFrame:
@@ -138,48 +133,6 @@ def setting_names(rows: pd.DataFrame) -> pd.DataFrame:
                        defense=tag(rows.defense, "defense_setting"))
 
 
-def _seeds(rows: pd.DataFrame, by_defense: bool) -> str:
-    """``seeds 0, 2`` or, per defense, ``none: seed 1; abl: seeds 0, 1``."""
-    def seeds(g: pd.DataFrame) -> str:
-        s = sorted(pd.to_numeric(g.seed, errors="coerce").dropna().astype(int))
-        return f"seed{'s' if len(s) != 1 else ''} {', '.join(map(str, s))}"
-
-    if not by_defense:
-        return seeds(rows)
-    return "; ".join(f"{d}: {seeds(g)}" for d, g in rows.groupby("defense", sort=True))
-
-
-def setting_note(rows: pd.DataFrame) -> list[str]:
-    """One bullet per cell whose rows ran stored configs that differ in a value other than the
-    seed (``bench.rows.config_settings``): the main setting's values and row count under the
-    plain name, then every other setting's line and its rows. ``rows`` has the leaderboard's
-    attack names (``attack_settings``), not yet ``setting_names``."""
-    if rows.empty or "attack_setting" not in rows:
-        return []
-    main, bullets = main_settings(rows), []
-    levels = ((["dataset", "model", "attack", "poison_rate"], "attack_setting", "attack"),
-              (GROUP, "defense_setting", "defense"))
-    for by, col, name in levels:
-        for key, g in rows[rows[col] != ""].groupby(by, dropna=False, sort=True):
-            where = " · ".join(map(str, key[:3])) + (f" / {key[3]}" if name == "defense" else "")
-            parts = []
-            for label, h in g.groupby(col, sort=True):
-                line = h[name].iloc[0]
-                if main.loc[h.index, col].all():
-                    n = len(h)
-                    parts.insert(0, f"`{line}` ran {label} ({n} row{'s' if n != 1 else ''})")
-                else:
-                    parts.append(f"`{line} [{label}]` ({_seeds(h, name == 'attack')})")
-            bullets.append(f"- {where} @ {float(key[-1]):g}: " + "; ".join(parts))
-    if not bullets:
-        return []
-    n = len(bullets)
-    return [f"{n} cell{'s' if n != 1 else ''} split by stored config (their rows differ in a "
-            "config value other than the seed, so each setting is a line of its own, named by "
-            "those values unless most of the cell's rows ran it; a key that only some rows "
-            f"store splits nothing, and `{NOT_STORED}` marks rows that predate stored "
-            "configs):", "", *bullets, ""]
-
 
 def leaderboard(ok: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, attack, defense, poison_rate): ``<metric>_{mean,std,n}``.
@@ -237,124 +190,6 @@ def _sections(board: pd.DataFrame) -> list[str]:
     return out
 
 
-def failed_note(failed: pd.DataFrame) -> list[str]:
-    """``N failed runs:`` followed by one ``run_id — error`` bullet per failed row."""
-    if failed.empty:
-        return []
-    lines = [f"{len(failed)} failed run{'s' if len(failed) != 1 else ''}:", ""]
-    for rid, err in zip(failed.run_id, failed.error, strict=True):
-        msg = str(err).strip().splitlines()[0][:200] if isinstance(err, str) and err else "?"
-        lines.append(f"- {rid} — {msg.replace('|', '/')}")
-    return [*lines, ""]
-
-
-def superseded_note(superseded: pd.DataFrame | None) -> list[str]:
-    """One bullet per ok row left out because a newer config of its cell, setting and seed
-    exists (``bench.rows.latest_per_cell``)."""
-    if superseded is None or superseded.empty:
-        return []
-    lines = [f"{len(superseded)} superseded row{'s' if len(superseded) != 1 else ''} left out "
-             "(a newer config of the same cell, setting and seed exists; rerun or delete "
-             "them):", ""]
-    lines += [f"- {rid}" for rid in superseded.run_id]
-    return [*lines, ""]
-
-
-def _compact_keys(keys: list[str]) -> str:
-    """``+a.b.x, +a.b.y`` → ``+a.b.{x, y}``."""
-    parents: dict[str, list[str]] = {}
-    for k in keys:
-        sign, path = (k[0], k[1:]) if k[0] in "+-" else ("", k)
-        head, _, leaf = path.rpartition(".")
-        parents.setdefault(f"{sign}{head}", []).append(leaf)
-    return ", ".join(f"{h}.{{{', '.join(v)}}}" if len(v) > 1 else f"{h}.{v[0]}".lstrip(".")
-                     for h, v in parents.items())
-
-
-def stale_note(ok: pd.DataFrame, results_dir: Path) -> list[str]:
-    """Rows of the tables whose stored config this version builds differently (keys added,
-    dropped or changed since they ran), grouped by those keys; rows whose stored config cannot
-    be trusted; and the count of rows that predate stored configs (``bench.rerun.classify``).
-    Such a row measured a config a rerun would not repeat exactly."""
-    groups: dict[str, dict[str, list[int]]] = {}
-    bare = 0
-    for _, row in ok.iterrows():
-        st = classify(row)
-        if st.kind == "bare":
-            bare += 1
-            continue
-        if st.kind == "ok":
-            continue
-        key = (_compact_keys(list(st.keys)) if st.kind == "stale" else
-               "not buildable by this version" if st.kind == "unbuildable" else
-               "stored config edited or unreadable")
-        groups.setdefault(key, {}).setdefault(f"{row.attack}/{row.defense}", []).append(
-            int(row.seed))
-    lines = []
-    if groups:
-        n = sum(len(seeds) for cells in groups.values() for seeds in cells.values())
-        lines += [f"{n} row{'s' if n != 1 else ''} ran under a config this version builds "
-                  "differently (+ a key added since, - dropped, else changed); `python -m "
-                  f"bench.rerun --check --results {results_dir}` names each row's commit:", ""]
-        for key, cells in groups.items():
-            lines.append(f"- {key}: " + ", ".join(
-                f"{c} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, sorted(v)))})"
-                for c, v in sorted(cells.items())))
-        lines += [""]
-    if bare:
-        lines += [f"{bare} row{'s' if bare != 1 else ''} predate{'s' if bare == 1 else ''} "
-                  "stored configs: only the config hash in the run id records what ran.", ""]
-    return lines
-
-
-def _where(ok: pd.DataFrame) -> pd.DataFrame:
-    """Per row: ``hw`` (the recorded hardware, else missing), ``threads`` (the recorded thread count
-    on a CPU, else NaN) and ``text``, where the row was computed in words."""
-    def col(name: str) -> pd.Series:
-        return ok[name] if name in ok else pd.Series(None, index=ok.index, dtype=object)
-
-    hw = col("hardware").map(lambda v: v.strip() if isinstance(v, str) and v.strip() else None)
-    on_cpu = col("device").astype(str).isin(["cpu", "nan", "None", ""])
-    threads = pd.to_numeric(col("threads"), errors="coerce").where(on_cpu)
-
-    def text(h: Any, t: float, cpu: bool) -> str:
-        out = h if isinstance(h, str) else "unrecorded hardware"
-        if cpu:
-            out += (", default threads" if pd.isna(t)
-                    else f", {int(t)} thread{'s' if int(t) != 1 else ''}")
-        return out
-
-    return pd.DataFrame({"hw": hw, "threads": threads, "text": list(map(
-        text, hw, threads, on_cpu))}, index=ok.index)
-
-
-def mixed_compute_note(ok: pd.DataFrame) -> list[str]:
-    """One bullet per leaderboard line whose rows were computed on more than one hardware or CPU
-    thread count: bf16 numerics (and so BA/ASR) differ between them, so its mean mixes two
-    numerics. A row that did not record its hardware (older rows) or thread count differs from
-    none. ``ok`` has the leaderboard's attack names (``attack_settings``)."""
-    if ok.empty:
-        return []
-    where = _where(ok)
-    bullets = []
-    for key, g in where.groupby([ok[c] for c in GROUP], dropna=False, sort=True):
-        if g.hw.nunique() < 2 and g.threads.nunique() < 2:
-            continue
-        parts = []
-        for text, h in g.groupby("text", sort=True):
-            seeds = sorted(pd.to_numeric(ok.seed[h.index], errors="coerce").dropna().astype(int))
-            parts.append(f"{text} (seed{'s' if len(seeds) != 1 else ''} "
-                         f"{', '.join(map(str, seeds))})")
-        dataset, model, attack, defense, rate = key
-        bullets.append(f"- {dataset} · {model} · {attack} / {defense} @ {float(rate):g}: "
-                       + "; ".join(parts))
-    if not bullets:
-        return []
-    n = len(bullets)
-    return [f"{n} line{'s' if n != 1 else ''} mix{'es' if n == 1 else ''} rows computed on "
-            "different hardware or CPU thread counts (bf16 results differ between them):", "",
-            *bullets, ""]
-
 
 def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok: int,
              superseded: pd.DataFrame | None = None, mixed: list[str] | None = None,
@@ -369,101 +204,6 @@ def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok:
                      + (mixed or [])
                      + (stale or []) + _sections(board)).rstrip() + "\n"
 
-
-def defense_colors(defenses: list[str]) -> dict[str, str]:
-    """Fixed colours for none/abl/dbd/dlp; other defenses take the fallback cycle in order."""
-    others = [d for d in sorted(defenses) if d not in DEFENSE_COLORS]
-    fallback = {d: FALLBACK_COLORS[i % len(FALLBACK_COLORS)] for i, d in enumerate(others)}
-    return {d: DEFENSE_COLORS.get(d) or fallback[d] for d in defenses}
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)  # explicit Agg canvas: no pyplot, no global backend switch
-    return fig
-
-
-def save_png(fig: Figure, path: Path) -> Path:
-    """Render ``fig`` (dpi 120) and replace ``path`` atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
-
-
-def ba_vs_asr(board: pd.DataFrame, path: Path) -> Path:
-    """Scatter of group-mean BA (y) vs ASR (x) with std bars; colour = defense, marker = attack;
-    hollow markers for ``defense=none``. Clean groups (no ASR) are left out."""
-    pts = board.dropna(subset=["ba_mean", "asr_mean"])
-    colors, attacks = defense_colors(none_first(pts.defense)), sorted(set(pts.attack))
-    markers = {a: MARKERS[i % len(MARKERS)] for i, a in enumerate(attacks)}
-    fig = _new_figure(7.5, 5.5)
-    ax = fig.add_subplot()
-    for _, r in pts.iterrows():
-        c = colors[r.defense]
-        ax.errorbar(r.asr_mean, r.ba_mean, xerr=0 if pd.isna(r.asr_std) else r.asr_std,
-                    yerr=0 if pd.isna(r.ba_std) else r.ba_std,
-                    fmt=markers[r.attack], color=c, mec=c, ms=9, mew=1.5, capsize=3, lw=1,
-                    mfc="none" if r.defense == "none" else c)
-    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="ASR (lower is better)",
-           ylabel="BA (higher is better)", title="BA vs ASR, group mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    def_handles = [Line2D([], [], ls="", marker="s", ms=9, color=c, label=d,
-                          mfc="none" if d == "none" else c) for d, c in colors.items()]
-    att_handles = [Line2D([], [], ls="", marker=m, ms=9, color="0.35", label=a)
-                   for a, m in markers.items()]
-    if def_handles:
-        # one legend with two headed sections: two legends placed apart overlap once they grow
-        def head(text: str) -> Line2D:
-            return Line2D([], [], ls="", marker="", label=text)
-
-        handles = [head("defense"), *def_handles, head(" "), head("attack"), *att_handles]
-        legend = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        for i in (0, len(def_handles) + 2):
-            legend.get_texts()[i].set_fontweight("bold")
-    else:
-        ax.text(0.5, 0.5, "no attacked runs", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    return save_png(fig, path)
-
-
-def _stages(v: Any) -> dict[str, float]:
-    """``{stage: seconds}`` from a ``stage_s`` cell (JSON string or dict; else empty)."""
-    try:
-        d = json.loads(v) if isinstance(v, str) else v
-    except json.JSONDecodeError:
-        return {}
-    return {k: float(s) for k, s in d.items()} if isinstance(d, dict) else {}
-
-
-def stage_cost(ok: pd.DataFrame, path: Path) -> Path:
-    """Stacked horizontal bars of mean seconds per stage, one bar per (attack, defense)."""
-    stages = pd.DataFrame(list(ok.stage_s.map(_stages)), index=ok.index).fillna(0.0)
-    # load_results stores stage_s with sorted keys, so the run's order is lost: poison first,
-    # evaluate last, the defense's stages alphabetically in between
-    rank = {"poison": "0", "evaluate": "2"}
-    stages = stages[sorted(stages.columns, key=lambda c: rank.get(c, "1") + c)]
-    groups = stages.groupby([ok.attack, ok.defense]).mean() if len(stages.columns) else stages
-    order = [(a, d) for a in none_first(ok.attack) for d in none_first(ok.defense)]
-    groups = groups.reindex([k for k in order if k in groups.index])
-    fig = _new_figure(8.0, max(2.5, 0.45 * len(groups) + 1.5))
-    ax = fig.add_subplot()
-    labels, left = [f"{a} / {d}" for a, d in groups.index], [0.0] * len(groups)
-    for i, stage in enumerate(groups.columns):
-        ax.barh(labels, groups[stage], left=left, label=stage, color=f"C{i % 10}")
-        left = [x + y for x, y in zip(left, groups[stage], strict=True)]
-    ax.margins(y=0.01)
-    ax.invert_yaxis()
-    ax.set(xlabel="seconds (mean over runs)", ylabel="attack / defense",
-           title="Cost per stage")
-    if len(groups.columns):
-        ax.legend(title="stage", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    else:
-        ax.text(0.5, 0.5, "no stage timings", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    return save_png(fig, path)
 
 
 def build(results_dir: str | Path, out_dir: str | Path | None = None

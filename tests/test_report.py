@@ -13,16 +13,8 @@ import pytest
 from matplotlib.legend import Legend
 from omegaconf import OmegaConf
 
-from bench.report import (
-    DEFENSE_COLORS,
-    FALLBACK_COLORS,
-    ReportCallback,
-    ba_vs_asr,
-    defense_colors,
-    leaderboard,
-    main,
-    report,
-)
+from bench.plots import DEFENSE_COLORS, FALLBACK_COLORS, ba_vs_asr, defense_colors
+from bench.report import ReportCallback, leaderboard, main, report
 from bench.rows import COLUMNS, collect, write_row
 
 NAN = math.nan
@@ -96,7 +88,7 @@ def test_der_falls_back_to_none_group_mean() -> None:
 
 def test_scatter_has_one_legend_with_both_sections(tmp_path: Path, monkeypatch) -> None:
     figs = []
-    monkeypatch.setattr("bench.report.save_png", lambda fig, path: figs.append(fig) or path)
+    monkeypatch.setattr("bench.plots.save_png", lambda fig, path: figs.append(fig) or path)
     defenses = ["none", "abl", "dbd", "dlp", *(f"dlp.v{i}" for i in range(8))]
     attacks = [f"attack{i}" for i in range(10)]
     rows = [make_row(a, d, 0, ba=0.8, asr=0.5) for a in attacks for d in defenses]

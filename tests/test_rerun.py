@@ -144,7 +144,7 @@ def test_leaderboard_lists_rows_this_version_builds_differently(tiny_cfg, tmp_pa
 
 
 def test_check_lists_rows_it_cannot_build_or_read(tiny_cfg, tmp_path, capsys):
-    from bench.report import stale_note
+    from bench.report_notes import stale_note
 
     folder, rid = _stale_csv(tiny_cfg, tmp_path)
     df = read_runs(folder / "runs.csv")
