@@ -18,7 +18,6 @@ and the rows that predate stored configs (their hash is all that records their c
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import pandas as pd
 
 from bench.config import RunConfig, config_hash, from_dict, hash_of, rebuild_diff
 from bench.errors import BenchError
-from bench.rows import load_results
+from bench.rows import load_results, read_config
 from bench.run import hardware, native_bf16, resolve_device, run_and_record
 
 COMPARED = ["ba", "ba_nt", "asr", "ra", "iso_precision", "iso_recall", "n_suspects"]
@@ -41,20 +40,11 @@ def _sha(row: pd.Series) -> str:
 
 def stored_config(row: pd.Series) -> dict | None:
     """The row's stored config, or None for a row that predates stored configs."""
-    raw = row.get("config")
-    if isinstance(raw, dict):
-        return raw
-    if not isinstance(raw, str) or not raw.strip():
-        return None
     try:
-        cfg = json.loads(raw)
-    except ValueError as e:
-        raise BenchError(f"row {row.run_id}: its config is not valid JSON ({e}); the row's "
-                         f"file or runs.csv line was edited by hand") from e
-    if not isinstance(cfg, dict):
-        raise BenchError(f"row {row.run_id}: its config is not a JSON object; the row's file "
-                         "or runs.csv line was edited by hand")
-    return cfg
+        return read_config(row.get("config"))
+    except ValueError as e:  # not valid JSON (…), or not a JSON object
+        raise BenchError(f"row {row.run_id}: its config is {e}; the row's file or runs.csv line "
+                         "was edited by hand") from e
 
 
 class Status(NamedTuple):

@@ -146,17 +146,35 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_config(raw: Any) -> dict | None:
+    """A row's stored config (``CONFIG``: a dict, or its JSON), or None when it has none (older
+    rows); raises ``ValueError`` (``not valid JSON (…)``, ``not a JSON object``) when unreadable."""
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, str) or not raw.strip():
+        return None
+    try:
+        cfg = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError("not a JSON object")
+    return cfg
+
+
+def parse_config(raw: Any) -> dict | None:
+    """A row's stored config (``read_config``), or None when it has none or it is unreadable."""
+    try:
+        return read_config(raw)
+    except ValueError:
+        return None
+
+
 def _flat_config(raw: Any) -> dict[str, Any] | None:
     """A row's stored config as dotted keys without ``seed``; None when it has none (older rows)
     or it is unreadable."""
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            return None
-    if not isinstance(raw, dict):
-        return None
-    return {k: v for k, v in flatten(raw).items() if k != "seed"}
+    cfg = parse_config(raw)
+    return None if cfg is None else {k: v for k, v in flatten(cfg).items() if k != "seed"}
 
 
 def _same(v: Any) -> str:

@@ -330,7 +330,7 @@ def test_every_defense_scale_file_is_used():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_paper_checker_claims_match_the_reduced_grid(experiment):
-    from bench.paper import EXPERIMENTS as CHECKED
+    from bench.paper_claims import EXPERIMENTS as CHECKED
 
     p = sweep_params(f"{experiment}_reduced")
     assert list(CHECKED[experiment].attacks) == p["attack"]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import paper
+from bench import paper, paper_claims
 from bench.config import hash_of
-from bench.paper import EXPERIMENTS, Experiment, main, reduced_jobs, run_check
+from bench.paper import main, reduced_jobs, run_check
+from bench.paper_claims import EXPERIMENTS, KNOWN_GAPS, Experiment
 from bench.rows import collect, load_results, write_row
 
 EXP = Experiment("Toy paper", "toy", "toy setting", ("badnets", "blended"), ("dbd",))
@@ -61,7 +62,7 @@ def _rows(folder: Path, cells: dict) -> None:
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     monkeypatch.setattr(paper, "EXPERIMENTS", {"toy": EXP})
-    monkeypatch.setattr(paper, "KNOWN_GAPS", {})
+    monkeypatch.setattr(paper_claims, "KNOWN_GAPS", {})
     monkeypatch.setattr(paper, "reduced_jobs", toy_jobs)
     ref = tmp_path / "reference"
     ref.mkdir()
@@ -93,7 +94,7 @@ def test_claims_verdicts(setup: tuple[Path, Path]) -> None:
 def test_known_gap_is_reported_not_failed(setup: tuple[Path, Path],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     results, ref = setup
-    monkeypatch.setattr(paper, "KNOWN_GAPS", {
+    monkeypatch.setattr(paper_claims, "KNOWN_GAPS", {
         ("toy", "removes", "blended", "dbd"): "the split misses it",
         ("toy", "removes", "badnets", "dbd"): "was failing"})
     v = _by(run_check(results / "paper", results / "fashion_mnist", results / "paper", ref))
@@ -277,7 +278,7 @@ def test_abl_known_gaps_describe_the_committed_reduced_rows() -> None:
     for attack in ("badnets", "blended"):
         r = rows.loc[attack, "abl"]
         for claim in ("removes", "keeps_ba"):
-            note = paper.KNOWN_GAPS["abl_cifar10", claim, attack, "abl"]
+            note = KNOWN_GAPS["abl_cifar10", claim, attack, "abl"]
             assert f"precision {r.iso_precision:.2f}" in note and "amp=false" in note
             assert f"ASR {r.asr:.3f}" in note and f"BA_nt {r.ba_nt:.3f}" in note
             assert "amp=auto" not in note and "holds in bf16" not in note
