@@ -33,70 +33,8 @@ Stages (each a timed stage):
    row's headline ``iso_precision``/``iso_recall`` score the filter's suspects (``"filter"``).
 
 Ours (not in the paper):
-- ``filter.mode: dominant_class`` (default): the backdoor has one target, so the filter looks for
-  the class whose samples split most cleanly into a near-zero-entropy cluster and the rest —
-  Otsu's two-cluster split of log10 entropy within each given-label class; the most separable
-  class, if its separability reaches ``min_separability``, contributes its low cluster (at most
-  ``ratio``·N samples, lowest entropy first). Otherwise the late filter (below) decides, then
-  the disowned filter, and if neither finds a class, there are no suspects and unlearning is
-  skipped.
-  Why: on Fashion-MNIST whole clean classes (trousers, bags) are predicted with lower entropy than
-  poisoned samples, so a global lowest-entropy cut picks clean samples (``mode: global`` keeps
-  it: the lowest ``ratio``·N overall).
-- ``filter.from_epoch: 2``: the entropy is averaged (in log space) over the supervised epochs
-  from the second, not read after the last one only, to choose the class; its suspects are the
-  samples in the low cluster of the average or of the last epoch's entropy. Why: one checkpoint
-  is noisy — at BadNets seed 1 the target class's separability after the last epoch (0.728) was
-  no higher than a clean class's in a run without attack (0.733), while the average over epochs
-  2–8 gave 0.786 against at most 0.747 for any clean class (seeds 0–2 of BadNets and Blended,
-  seeds 0–1 without attack, the ``dlp_fashion_mnist`` preset). The union of the two low clusters
-  kept precision ≥ 0.99 and raised recall (Blended seed 2: 0.89 average only, 0.93 last only,
-  0.94 both).
-- ``filter.expand: true``: the entropy cut's recall is bounded (0.83–0.94 on BadNets/Blended),
-  because some poisoned samples' entropy overlaps the clean ones', and the ones it misses come
-  back: at Blended seeds 1 and 2, 19 and 32 of them were in MixMatch's first labelled set and ASR
-  ended at 0.111 and 0.121. In the supervised model's feature space (``model.features``, before
-  unlearning) they still side with the samples the cut caught — the backdoor's shared feature
-  that activation clustering (Chen et al., 2018) separates — so every other sample of the
-  flagged class that is nearer (cosine) to the suspects' mean direction than to the rest of the
-  class's is flagged too. Measured on those runs' supervised models: 62 of 62 missed at Blended
-  seed 2 with 2 clean samples, 77 of 79 at seed 1 with 1, BadNets seed 0 115 of 167 with 4;
-  k-nearest-neighbour votes (k 5–50) found 29–71% of the missed samples.
-- ``filter.late: true``: a backdoor can also be learned *late*, as WaNet's warp is: after 8
-  supervised epochs its poisoned samples are no lower in entropy than the clean ones (median
-  log10 entropy −0.64 against −0.34 for clean target-class samples, no class separable at
-  seeds 0–2). But early on the model sees their content, not the trigger: in its features
-  (``model.features``) after epochs 1–2 a poisoned sample's k = 20 nearest neighbours carry
-  its true class, so few share its given label; after the last epoch the warp has pulled it
-  next to the other poisoned samples, which do. So when no class is separable in entropy,
-  each sample's rise in k-NN label agreement (last epoch minus the mean of epochs 1 to
-  ``late_early``) is computed, and the class with the largest share of samples rising by more
-  than ``late_rise`` contributes them, if that share reaches ``late_min_share``; they are
-  expanded and unlearned like the entropy cut's. Measured on the preset's supervised models
-  (seed 0 unless stated, bf16 on an AMX CPU): WaNet's target class 0.231 / 0.389 / 0.423 at
-  seeds 0 / 1 / 2, precision 0.99, recall 0.46–0.84 (0.71–0.92 with the expansion). It needs
-  the warp learned by the last supervised epoch: with oneDNN capped at AVX512_CORE_BF16 (other
-  bf16 numerics) seed 2 gives 0.405 but seed 0 only 0.056, with 32% of the poisoned samples
-  predicted as the target after epoch 8 (91% at seed 2), and the late filter flags nothing
-  (the disowned filter, below, does). The largest
-  share of a clean class, in these runs and in BadNets, Blended, BPP, Adaptive-Blend, LF
-  (seed 1) and three runs without attack: 0.092 (Input-aware's target class: 0.095 at
-  precision 0.98, too weak to flag). Clean samples the model memorises one by one do not move
-  together.
-- ``filter.disowned: true``: where the backdoor is not learned by the last supervised epoch
-  either, its poisoned samples still carry a wrong label: early on (mean over epochs 1 to
-  ``late_early``) at least ``disowned_agree`` of their k nearest neighbours carry *one* other
-  label, their true class. A clean class has such samples too (shirts among T-shirts), but
-  fewer. So when neither filter above flags a class, the class with the largest share of
-  disowned samples contributes them, if that share reaches ``disowned_min_share``. Measured on
-  the preset's supervised models: WaNet's target class 0.217 / 0.168 / 0.124 at seeds 0 / 1 /
-  2 on an AMX CPU, and 0.220 at seed 0 with oneDNN capped at AVX512_CORE_BF16, where the late
-  filter's share is only 0.056 (the cut's precision 0.96–0.98); BPP's 0.266–0.271 at seeds
-  0–2; Input-aware's 0.142 at seed 2 (0.036 at seed 0); a clean class at most 0.085 (the shirt
-  class, in every run) over 18 supervised runs: WaNet at seeds 0–2 and, capped, 0 and 2;
-  BadNets, Blended, BPP and SIG at seed 0; LF at seed 1; Adaptive-Blend at seeds 0–2;
-  Input-aware at seeds 0 and 2; three runs without attack. The margin below is thin (WaNet
-  seed 2: 0.124, which the late filter flags first).
+- The filter (``filter.mode``, ``from_epoch``, ``expand``, ``late``, ``disowned``): see
+  ``defenses/dlp_filter.py``, with the measurements behind each choice.
 - Unlearning objective ``CE(clean) − CE(suspects)`` per step (``descend: false``: pure ascent),
   SGD, stopping as soon as the suspects' accuracy on their given labels is ≤ ``stop_acc``
   (checked after every step) or after ``max_epochs``. The clean batch comes from the
@@ -128,67 +66,11 @@ from bench.data import ImageSet
 from bench.errors import ConfigError
 from bench.train import Engine, TrainCfg, batches, fit, lr_factor, per_sample_loss, predict
 from defenses.base import DEFENSES, DefenseContext, DefenseResult
+from defenses.dlp_filter import FilterCfg, entropy_filter, expand_suspects, knn_filters
 from defenses.mixmatch import MixMatchCfg, mixmatch_epoch
-from defenses.selection import knn_label_shares, lowest_fraction, otsu, predictive_entropy
+from defenses.selection import predictive_entropy
 
 log = logging.getLogger("bench")
-
-
-@dataclass(frozen=True)
-class FilterCfg:
-    """Args:
-    enabled: run the filter (ablation switch; off: no suspects, so no unlearning and no
-        exclusion from the labelled set).
-    mode: ``dominant_class`` (most separable class, see the module docstring) or ``global``.
-    ratio: ``global``: the suspected fraction of N; ``dominant_class``: the cap on it.
-    min_separability: ``dominant_class``: least Otsu separability (between-cluster share of the
-        variance of log10 entropy) for a class to be flagged at all.
-    floor: entropies are clamped to at least this before the log.
-    from_epoch: the class is chosen on the geometric mean (mean of log10) of each sample's
-        entropy after every supervised epoch from this one (1-based) to the last: the backdoor
-        is learned fast, so its samples are confident early and throughout, where easy clean
-        samples become confident later. That class's suspects are its low cluster of the mean
-        or of the last epoch's entropy. None: the last epoch's entropy only.
-    expand: also flag the flagged class's other samples whose supervised-model features lie
-        nearer the suspects' mean direction than the rest of the class's (cosine, margin
-        ``expand_margin``): the entropy cut misses poisoned samples whose entropy overlaps the
-        clean ones, but they share the trigger's features with the samples it caught.
-    expand_margin: a sample is added when ``cos(z, suspects) − cos(z, rest) > expand_margin``.
-    late: when no class is separable in entropy, look for a backdoor learned late instead: the
-        share of a class's samples whose k-nearest-neighbour label agreement in the
-        supervised model's features rose by more than ``late_rise`` from the first
-        ``late_early`` epochs to the last (see the module docstring). Needs more supervised
-        epochs than ``late_early`` and ``mode: dominant_class``; otherwise it stays off.
-    late_k: neighbours for the label agreement.
-    late_early: the early agreement is the mean over supervised epochs 1 to this.
-    late_rise: least rise of a sample's agreement for it to count as learned late.
-    late_min_share: least share of a class's samples learned late for the class to be flagged.
-    disowned: when neither the entropy nor the late filter flags a class, flag the class with
-        the largest share of samples whose neighbours early in supervised training (the
-        ``late_k`` nearest, mean over epochs 1 to ``late_early``) carry one other label: a
-        dirty-label backdoor not yet learned by the last epoch still sits among its images'
-        true classes early on. Needs what ``late`` needs.
-    disowned_agree: least share of a sample's early neighbours carrying one other label for
-        the sample to count as disowned.
-    disowned_min_share: least share of a class's samples disowned for the class to be flagged.
-    """
-
-    enabled: bool = True
-    mode: str = "dominant_class"
-    ratio: float = 0.2
-    min_separability: float = 0.78
-    floor: float = 1e-8
-    from_epoch: int | None = 2
-    expand: bool = True
-    expand_margin: float = 0.0
-    late: bool = True
-    late_k: int = 20
-    late_early: int = 2
-    late_rise: float = 0.5
-    late_min_share: float = 0.15
-    disowned: bool = True
-    disowned_agree: float = 0.8
-    disowned_min_share: float = 0.12
 
 
 @dataclass(frozen=True)
@@ -294,107 +176,6 @@ def _check(p: DLPParams) -> None:
                           f"{p.unlearn.clean_ratio}")
 
 
-def entropy_filter(entropy: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: FilterCfg,
-                   last: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Suspect mask ``[N]`` from per-sample entropies and the given labels, and what was found
-    (``filter_class``: the flagged class or −1, ``filter_separability``). ``entropy`` chooses
-    the class and orders the cap; with ``last`` (the last epoch's entropies, when ``entropy``
-    averages several), a sample of that class is a candidate if it falls in the low cluster of
-    either."""
-    n = len(entropy)
-    cap = int(cfg.ratio * n)
-    if cfg.mode == "global":
-        return lowest_fraction(entropy, cfg.ratio), {}
-    logh = entropy.clamp_min(cfg.floor).log10()
-    best, best_sep, best_cut = -1, -math.inf, 0.0
-    for c in range(num_classes):
-        members = logh[y == c]
-        if len(members) < 2:
-            continue
-        cut, sep = otsu(members)
-        if sep > best_sep:
-            best, best_sep, best_cut = c, sep, cut
-    mask = torch.zeros(n, dtype=torch.bool, device=entropy.device)
-    info = {"filter_class": float(best), "filter_separability": best_sep}
-    if best < 0 or best_sep < cfg.min_separability:
-        info["filter_class"] = -1.0
-        return mask, info
-    low = logh <= best_cut
-    if last is not None:
-        last_logh = last.clamp_min(cfg.floor).log10()
-        low |= last_logh <= otsu(last_logh[y == best])[0]
-    cand = ((y == best) & low).nonzero()[:, 0]
-    keep = cand[torch.argsort(entropy[cand], stable=True)[:cap]]
-    mask[keep] = True
-    return mask, info
-
-
-def _flag_class(marked: torch.Tensor, score: torch.Tensor, y: torch.Tensor, num_classes: int,
-                min_share: float, cap: int, name: str) -> tuple[torch.Tensor, dict[str, float]]:
-    """The class with the largest share of ``marked`` samples (a tie goes to the lowest class
-    index) contributes its marked samples, highest ``score`` first, at most ``cap``, if that
-    share reaches ``min_share``. Returns the mask and ``<name>_class`` (−1 if none) and
-    ``<name>_share``."""
-    share = torch.stack([marked[y == c].float().mean() if (y == c).any()
-                         else score.new_zeros(()) for c in range(num_classes)])
-    best = int(share.argmax())
-    info = {f"{name}_class": float(best), f"{name}_share": share[best].item()}
-    mask = torch.zeros_like(marked)
-    if info[f"{name}_share"] < min_share:
-        info[f"{name}_class"] = -1.0
-        return mask, info
-    cand = (marked & (y == best)).nonzero()[:, 0]
-    mask[cand[torch.argsort(-score[cand], stable=True)[:cap]]] = True
-    return mask, info
-
-
-def late_filter(early: torch.Tensor, last: torch.Tensor, y: torch.Tensor, num_classes: int,
-                cfg: FilterCfg) -> tuple[torch.Tensor, dict[str, float]]:
-    """Suspect mask ``[N]`` from each sample's label agreement early in supervised training
-    and after its last epoch (``knn_label_agreement``, the own-label column of
-    ``knn_label_shares``): the class with the largest share of
-    samples whose agreement rose by more than ``late_rise`` contributes those samples, if that
-    share reaches ``late_min_share``, at most ``ratio``·N of them, largest rise first. Returns
-    the mask and ``late_class`` (−1 if none) and ``late_share``."""
-    rise = last - early
-    return _flag_class(rise > cfg.late_rise, rise, y, num_classes, cfg.late_min_share,
-                       int(cfg.ratio * len(y)), "late")
-
-
-def disowned_filter(early: torch.Tensor, y: torch.Tensor, cfg: FilterCfg
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Suspect mask ``[N]`` from each sample's neighbour label shares early in supervised
-    training (``knn_label_shares``, ``[N, K]``): a sample is disowned when at least
-    ``disowned_agree`` of its neighbours carry one label other than its own; the class with the
-    largest share of disowned samples contributes them, if that share reaches
-    ``disowned_min_share``, at most ``ratio``·N of them, most disowned first. Returns the mask
-    and ``disowned_class`` (−1 if none) and ``disowned_share``."""
-    other = early.scatter(1, y[:, None], -1.0).max(1).values
-    return _flag_class(other >= cfg.disowned_agree, other, y, early.shape[1],
-                       cfg.disowned_min_share, int(cfg.ratio * len(y)), "disowned")
-
-
-def expand_suspects(feats: torch.Tensor, y: torch.Tensor, suspects: torch.Tensor,
-                    margin: float = 0.0) -> torch.Tensor:
-    """``suspects`` plus the samples of the suspects' label class (their most common one, should
-    ``mode: global`` flag several) that are nearer, in cosine, to the suspects' mean direction
-    than to the mean direction of the class's non-suspects, by more than ``margin``. Returns a
-    new mask."""
-    out = suspects.clone()
-    if not suspects.any():
-        return out
-    c = int(y[suspects].mode().values)
-    rest = (y == c) & ~suspects
-    if not rest.any():
-        return out
-    z = F.normalize(feats, dim=1)
-    to_sus = F.normalize(z[suspects].mean(0), dim=0)
-    to_rest = F.normalize(z[rest].mean(0), dim=0)
-    idx = rest.nonzero()[:, 0]
-    out[idx[(z[idx] @ to_sus - z[idx] @ to_rest) > margin]] = True
-    return out
-
-
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eng: Engine, norm: bool
               ) -> float:
@@ -471,83 +252,138 @@ def _budget(cfg: SemiCfg, r: int) -> float:
     return cfg.budget + (cfg.budget_final - cfg.budget) * r / (cfg.rounds - 1)
 
 
+@dataclass
+class SupervisedTrace:
+    """What the filter reads of supervised training: ``logh``, the log10 entropy of every sample
+    after each epoch from ``filter.from_epoch``; ``feats``, the features after the epochs up to
+    ``filter.late_early`` and after the last, kept only when a k-NN filter (``knn_on``) may run."""
+
+    logh: list[torch.Tensor] = field(default_factory=list)
+    feats: dict[int, torch.Tensor] = field(default_factory=dict)
+    knn_on: bool = False
+
+
+def _log_entropy(model: nn.Module, data: ImageSet, eng: Engine, norm: bool, floor: float
+                 ) -> torch.Tensor:
+    return predictive_entropy(predict(model, data.x, eng, normalize=norm)).clamp_min(floor).log10()
+
+
+def supervised_stage(model: nn.Module, data: ImageSet, p: DLPParams, eng: Engine,
+                     gen: torch.Generator, norm: bool) -> tuple[SupervisedTrace, dict[str, float]]:
+    """Stage 1: cross-entropy training on every sample, recording what the filter needs after
+    each epoch. Returns that record and ``supervised_acc`` (none with 0 epochs)."""
+    f, epochs = p.filter, p.supervised.epochs
+    trace = SupervisedTrace(knn_on=(f.late or f.disowned) and f.enabled
+                            and f.mode == "dominant_class" and epochs > f.late_early)
+    if (f.late or f.disowned) and 0 < epochs <= f.late_early:
+        log.warning("dlp filter.late/disowned are off: they need more supervised epochs (%d) "
+                    "than filter.late_early (%d)", epochs, f.late_early)
+
+    def record(epoch: int) -> None:
+        if f.from_epoch is not None and epoch >= f.from_epoch:
+            trace.logh.append(_log_entropy(model, data, eng, norm, f.floor))
+        if trace.knn_on and (epoch <= f.late_early or epoch == epochs):
+            trace.feats[epoch] = predict(model, data.x, eng, normalize=norm, features=True)
+
+    if epochs == 0:
+        return trace, {}
+    hist = fit(model, data.x, data.y, p.supervised, eng, gen, hflip=data.hflip,
+               desc="dlp supervised", on_epoch=record)
+    return trace, {"supervised_acc": hist[-1]["acc"]}
+
+
+def filter_stage(model: nn.Module, data: ImageSet, p: DLPParams, trace: SupervisedTrace,
+                 eng: Engine, norm: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Stage 2: the entropy filter, else the k-NN filters, then the expansion. Returns the
+    suspect masks (``entropy``, ``filter``, and ``late``/``disowned`` where those ran) and what
+    was found."""
+    f, extra = p.filter, {}
+    logh = trace.logh or [_log_entropy(model, data, eng, norm, f.floor)]  # last or untrained
+    entropy = 10 ** torch.stack(logh).mean(0)
+    extra["filter_epochs"] = float(len(logh))
+    suspects, info = entropy_filter(entropy, data.y, data.num_classes, f,
+                                    last=10 ** logh[-1] if len(logh) > 1 else None)
+    cuts = {}
+    if trace.knn_on and info["filter_class"] < 0:  # no fast-learned class: a late-learned one?
+        cuts, knn_info = knn_filters(trace.feats, data.y, data.num_classes, f,
+                                     p.supervised.epochs)
+        info |= knn_info
+        suspects = cuts.get("disowned", cuts.get("late"))
+    if not f.enabled:  # computed for the log, but nothing is flagged
+        suspects = torch.zeros_like(suspects)
+        info["filter_class"] = -1.0
+    cut = suspects
+    if f.expand and suspects.any():
+        feats = trace.feats.get(p.supervised.epochs)  # the k-NN filters kept the last epoch's
+        if feats is None:
+            feats = predict(model, data.x, eng, normalize=norm, features=True)
+        suspects = expand_suspects(feats, data.y, suspects, f.expand_margin)
+        extra["n_expanded"] = float((suspects & ~cut).sum())
+    extra |= info | {"n_filtered": float(suspects.sum())}
+    log.info("dlp filter: %d suspects (class %d, separability %.3f%s)", int(suspects.sum()),
+             int(info.get("filter_class", -1)), info.get("filter_separability", math.nan),
+             (f", learned late: share {info['late_share']:.3f}" if "late" in cuts else "")
+             + (f", disowned early: share {info['disowned_share']:.3f}" if "disowned" in cuts
+                else ""))
+    masks = {"entropy": torch.zeros_like(cut) if cuts else cut, "filter": suspects} | cuts
+    return masks, extra
+
+
+def semi_stage(model: nn.Module, data: ImageSet, suspects: torch.Tensor, flagged: int,
+               cfg: SemiCfg, eng: Engine, ctx: DefenseContext, norm: bool
+               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Stage 4: MixMatch in ``cfg.rounds`` rounds, the labelled set re-selected before each
+    (``flagged``: the filter's class, −1 if none). Returns the unlabelled set of each round
+    (``semi_r<k>`` with several rounds) and of the last (``semi``), and the per-epoch stats."""
+    mm, masks, extra = cfg.mixmatch, {}, {}
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    schedule = TrainCfg(epochs=mm.epochs, schedule=cfg.schedule)  # per-epoch lr factor
+    gen = ctx.gen("semi")
+    starts = [math.floor(r * mm.epochs / cfg.rounds) for r in range(cfg.rounds)]
+    labelled = None
+    fixed = ({flagged: cfg.budget_flagged}
+             if cfg.budget_flagged is not None and flagged >= 0 and suspects.any() else None)
+    for epoch in range(mm.epochs):
+        if epoch in starts:
+            r = starts.index(epoch)
+            with ctx.stage("select"):
+                new = select_labelled(model, data, suspects, _budget(cfg, r), eng, norm,
+                                      cfg.balanced, fixed)
+            if labelled is not None:
+                extra[f"semi_turnover_r{r + 1}"] = ((new & ~labelled).sum() / new.sum()).item()
+            labelled = new
+            extra[f"semi_n_labelled_r{r + 1}"] = float(new.sum())
+            if cfg.rounds > 1:
+                masks[f"semi_r{r + 1}"] = ~new  # scored per round (kept_poison)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(schedule, epoch)
+        with ctx.stage("semi"):
+            stats = mixmatch_epoch(model, opt, data.x, data.y, labelled, data.num_classes, mm,
+                                   eng, gen, hflip=data.hflip, epoch=epoch, normalize=norm,
+                                   desc=f"dlp semi {epoch + 1}/{mm.epochs}")
+        extra |= {f"semi_{k}_ep{epoch + 1}": v for k, v in stats.items()}
+        log.info("dlp semi epoch %d/%d round %d lx %.4f lu %.4f lambda_u %.2f", epoch + 1,
+                 mm.epochs, r + 1, stats["lx"], stats["lu"], stats["lambda_u"])
+    masks["semi"] = ~labelled
+    return masks, extra
+
+
 @DEFENSES.register("dlp", DLPParams, check=_check)
 def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
     _check(p)
     # every inference pass of the defense (entropy, features, losses, accuracy) in batches of
     # supervised.eval_batch_size, as DBD uses its linear.eval_batch_size
-    eng, extra = copy.copy(ctx.engine), {}
+    eng = copy.copy(ctx.engine)
     eng.eval_batch_size = p.supervised.eval_batch_size
     norm = p.supervised.normalize
     model = eng.place(ctx.make_model())
 
-    def log_entropy() -> torch.Tensor:
-        h = predictive_entropy(predict(model, data.x, eng, normalize=norm))
-        return h.clamp_min(p.filter.floor).log10()
-
-    logh: list[torch.Tensor] = []  # log10 entropy after each epoch from filter.from_epoch
-    feats_at: dict[int, torch.Tensor] = {}  # features after the early epochs and the last
-    knn_on = ((p.filter.late or p.filter.disowned) and p.filter.enabled
-              and p.filter.mode == "dominant_class" and p.supervised.epochs > p.filter.late_early)
-    if (p.filter.late or p.filter.disowned) and 0 < p.supervised.epochs <= p.filter.late_early:
-        log.warning("dlp filter.late/disowned are off: they need more supervised epochs (%d) "
-                    "than filter.late_early (%d)", p.supervised.epochs, p.filter.late_early)
-
-    def record(epoch: int) -> None:
-        if p.filter.from_epoch is not None and epoch >= p.filter.from_epoch:
-            logh.append(log_entropy())
-        if knn_on and (epoch <= p.filter.late_early or epoch == p.supervised.epochs):
-            feats_at[epoch] = predict(model, data.x, eng, normalize=norm, features=True)
-
     with ctx.stage("supervised"):
-        if p.supervised.epochs > 0:
-            hist = fit(model, data.x, data.y, p.supervised, eng, ctx.gen("supervised"),
-                       hflip=data.hflip, desc="dlp supervised", on_epoch=record)
-            extra["supervised_acc"] = hist[-1]["acc"]
-
+        trace, extra = supervised_stage(model, data, p, eng, ctx.gen("supervised"), norm)
     with ctx.stage("filter"):
-        logh = logh or [log_entropy()]  # the last epoch's (or the untrained model's) only
-        entropy = 10 ** torch.stack(logh).mean(0)
-        extra["filter_epochs"] = float(len(logh))
-        suspects, info = entropy_filter(entropy, data.y, data.num_classes, p.filter,
-                                        last=10 ** logh[-1] if len(logh) > 1 else None)
-        by_late = by_disowned = None
-        if knn_on and info["filter_class"] < 0:  # no fast-learned class: a late-learned one?
-            shares = {e: knn_label_shares(f, data.y, data.num_classes, p.filter.late_k)
-                      for e, f in feats_at.items()
-                      if p.filter.late or e <= p.filter.late_early}  # disowned: early only
-            agree = {e: s.gather(1, data.y[:, None])[:, 0] for e, s in shares.items()}
-            early_epochs = range(1, p.filter.late_early + 1)
-            if p.filter.late:
-                early = torch.stack([agree[e] for e in early_epochs]).mean(0)
-                by_late, late_info = late_filter(early, agree[p.supervised.epochs], data.y,
-                                                 data.num_classes, p.filter)
-                info |= late_info | {"filter_class": late_info["late_class"]}
-                suspects = by_late
-            if p.filter.disowned and info["filter_class"] < 0:  # or one not learned yet?
-                early = torch.stack([shares[e] for e in early_epochs]).mean(0)
-                by_disowned, own_info = disowned_filter(early, data.y, p.filter)
-                info |= own_info | {"filter_class": own_info["disowned_class"]}
-                suspects = by_disowned
-        if not p.filter.enabled:  # computed for the log, but nothing is flagged
-            suspects = torch.zeros_like(suspects)
-            info["filter_class"] = -1.0
-        cut = suspects
-        by_entropy = cut if by_late is None and by_disowned is None else torch.zeros_like(cut)
-        if p.filter.expand and suspects.any():
-            feats = feats_at.get(p.supervised.epochs)  # the k-NN filters kept the last epoch's
-            if feats is None:
-                feats = predict(model, data.x, eng, normalize=norm, features=True)
-            suspects = expand_suspects(feats, data.y, suspects, p.filter.expand_margin)
-            extra["n_expanded"] = float((suspects & ~cut).sum())
-        extra |= info | {"n_filtered": float(suspects.sum())}
-        log.info("dlp filter: %d suspects (class %d, separability %.3f%s)", int(suspects.sum()),
-                 int(info.get("filter_class", -1)), info.get("filter_separability", math.nan),
-                 (f", learned late: share {info['late_share']:.3f}" if by_late is not None
-                  else "")
-                 + (f", disowned early: share {info['disowned_share']:.3f}"
-                    if by_disowned is not None else ""))
-
+        out, found = filter_stage(model, data, p, trace, eng, norm)
+    extra |= found
+    suspects = out["filter"]
     if p.unlearn.enabled and suspects.any():
         with ctx.stage("unlearn"):
             extra |= active_unlearn(model, data, suspects, p.unlearn, eng, ctx.gen("unlearn"),
@@ -555,44 +391,9 @@ def dlp(data: ImageSet, p: DLPParams, ctx: DefenseContext) -> DefenseResult:
         log.info("dlp unlearn: %d steps, suspects' accuracy %.3f -> %.3f",
                  int(extra["unlearn_steps"]), extra["unlearn_suspect_acc_before"],
                  extra["unlearn_suspect_acc_after"])
-
-    out = {"entropy": by_entropy, "filter": suspects}
-    if by_late is not None:
-        out["late"] = by_late
-    if by_disowned is not None:
-        out["disowned"] = by_disowned
-    mm = p.semi.mixmatch
-    if p.semi.enabled and mm.epochs > 0:
-        opt = torch.optim.Adam(model.parameters(), lr=p.semi.lr)
-        schedule = TrainCfg(epochs=mm.epochs, schedule=p.semi.schedule)  # per-epoch lr factor
-        gen = ctx.gen("semi")
-        starts = [math.floor(r * mm.epochs / p.semi.rounds) for r in range(p.semi.rounds)]
-        labelled, flagged = None, int(extra.get("filter_class", -1))
-        fixed = ({flagged: p.semi.budget_flagged}
-                 if p.semi.budget_flagged is not None and flagged >= 0 and suspects.any()
-                 else None)
-        for epoch in range(mm.epochs):
-            if epoch in starts:
-                r = starts.index(epoch)
-                with ctx.stage("select"):
-                    new = select_labelled(model, data, suspects, _budget(p.semi, r), eng,
-                                          norm, p.semi.balanced, fixed)
-                if labelled is not None:
-                    extra[f"semi_turnover_r{r + 1}"] = ((new & ~labelled).sum()
-                                                        / new.sum()).item()
-                labelled = new
-                extra[f"semi_n_labelled_r{r + 1}"] = float(new.sum())
-                if p.semi.rounds > 1:
-                    out[f"semi_r{r + 1}"] = ~new  # scored per round (kept_poison)
-            for g in opt.param_groups:
-                g["lr"] = p.semi.lr * lr_factor(schedule, epoch)
-            with ctx.stage("semi"):
-                stats = mixmatch_epoch(model, opt, data.x, data.y, labelled, data.num_classes,
-                                       mm, eng, gen, hflip=data.hflip, epoch=epoch,
-                                       normalize=norm,
-                                       desc=f"dlp semi {epoch + 1}/{mm.epochs}")
-            extra |= {f"semi_{k}_ep{epoch + 1}": v for k, v in stats.items()}
-            log.info("dlp semi epoch %d/%d round %d lx %.4f lu %.4f lambda_u %.2f", epoch + 1,
-                     mm.epochs, r + 1, stats["lx"], stats["lu"], stats["lambda_u"])
-        out["semi"] = ~labelled
+    if p.semi.enabled and p.semi.mixmatch.epochs > 0:
+        masks, stats = semi_stage(model, data, suspects, int(extra.get("filter_class", -1)),
+                                  p.semi, eng, ctx, norm)
+        out |= masks
+        extra |= stats
     return DefenseResult(model, suspects=out, extra=extra, normalize=norm, headline="filter")

@@ -13,17 +13,13 @@ from bench.errors import ConfigError
 from bench.registry import build_params
 from bench.run import run
 from bench.train import Engine
-from defenses.dlp import (
-    DLPParams,
+from defenses.dlp import DLPParams, UnlearnCfg, active_unlearn, dlp, select_labelled
+from defenses.dlp_filter import (
     FilterCfg,
-    UnlearnCfg,
-    active_unlearn,
     disowned_filter,
-    dlp,
     entropy_filter,
     expand_suspects,
     late_filter,
-    select_labelled,
 )
 from defenses.selection import knn_label_agreement, knn_label_shares, otsu, predictive_entropy
 
