@@ -1,7 +1,9 @@
 """Command line: ``python -m bench [group=option ...] [key=value ...] [-m]``.
 
-The only module that imports Hydra. It checks group options before Hydra sees them (so an unknown
-name is one line listing the valid ones), composes ``conf/config.yaml``, converts it to a typed
+Hydra's entry point (the library below takes typed dataclasses; besides this module only the
+other command lines import Hydra: ``bench.report`` for its sweep callback, ``bench.paper`` to
+compose the reduced jobs). It checks group options before Hydra sees them (so an unknown name is
+one line listing the valid ones), composes ``conf/config.yaml``, converts it to a typed
 ``RunConfig`` and hands it to ``bench.run``.
 """
 
