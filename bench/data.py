@@ -33,6 +33,13 @@ DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                   "Sneaker", "Bag", "Ankle boot")
+# Class names by label index (torchvision's), for reports; datasets not listed show indices.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": FMNIST_CLASSES,
+    "mnist": tuple(str(d) for d in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"),
+}
 SYNTHETIC_DEFAULTS: dict[str, Any] = {"n_train": 2000, "n_test": 500, "num_classes": 4,
                                       "channels": 1, "size": 16, "seed": 0, "noise": 0.35}
 # Per-channel mean/std in [0, 1] units (the values every reference implementation uses).

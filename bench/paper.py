@@ -46,6 +46,7 @@ from bench.paper_claims import (
     check,
     paper_rows,
 )
+from bench.per_class import class_accuracy, class_accuracy_md
 from bench.rows import atomic_write, latest_per_cell, load_results, main_settings, parse_config
 
 REDUCED_RATE = 0.1  # the reduced claims are checked at 10% poisoning
@@ -203,7 +204,10 @@ def markdown(name: str, exp: Experiment, ref: pd.DataFrame, full: pd.DataFrame,
     if gaps:
         lines += ["", "Known gaps at CPU scale:", ""]
         lines += [f"- {v.claim} {v.attack}/{v.defense}: {v.note}" for v in gaps]
-    return "\n".join(lines) + "\n"
+    per_class = class_accuracy_md(class_accuracy(reduced))
+    if per_class:  # where the BA of the reduced rows goes
+        lines += ["", "## Reduced rows by class", "", *per_class]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _reduced_rows(rows: pd.DataFrame, name: str, exp: Experiment,

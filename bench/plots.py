@@ -32,7 +32,7 @@ def defense_colors(defenses: list[str]) -> dict[str, str]:
     return {d: DEFENSE_COLORS.get(d) or fallback[d] for d in defenses}
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)  # explicit Agg canvas: no pyplot, no global backend switch
     return fig
@@ -54,7 +54,7 @@ def ba_vs_asr(board: pd.DataFrame, path: Path) -> Path:
     pts = board.dropna(subset=["ba_mean", "asr_mean"])
     colors, attacks = defense_colors(none_first(pts.defense)), sorted(set(pts.attack))
     markers = {a: MARKERS[i % len(MARKERS)] for i, a in enumerate(attacks)}
-    fig = _new_figure(7.5, 5.5)
+    fig = new_figure(7.5, 5.5)
     ax = fig.add_subplot()
     for _, r in pts.iterrows():
         c = colors[r.defense]
@@ -103,7 +103,7 @@ def stage_cost(ok: pd.DataFrame, path: Path) -> Path:
     groups = stages.groupby([ok.attack, ok.defense]).mean() if len(stages.columns) else stages
     order = [(a, d) for a in none_first(ok.attack) for d in none_first(ok.defense)]
     groups = groups.reindex([k for k in order if k in groups.index])
-    fig = _new_figure(8.0, max(2.5, 0.45 * len(groups) + 1.5))
+    fig = new_figure(8.0, max(2.5, 0.45 * len(groups) + 1.5))
     ax = fig.add_subplot()
     labels, left = [f"{a} / {d}" for a, d in groups.index], [0.0] * len(groups)
     for i, stage in enumerate(groups.columns):

@@ -3,7 +3,8 @@
 Reads the rows of ``<RESULTS_DIR>`` (``bench.rows.load_results``: the row files, and the lines of
 a committed ``runs.csv`` that no row file replaces) and writes to ``--out``
 (default ``<RESULTS_DIR>/report``): ``leaderboard.csv`` (mean/std/n over seeds per group, DER),
-``leaderboard.md`` (attack × defense pivots), ``ba_vs_asr.png`` and ``stage_cost.png``.
+``leaderboard.md`` (attack × defense pivots; per section, the clean accuracy of every class,
+``bench.per_class``), ``ba_vs_asr.png``, ``stage_cost.png`` and ``class_accuracy.png``.
 Only ``ok`` rows enter the statistics; failed runs are listed in a note, and so are the lines
 whose seeds were computed on different hardware or CPU thread counts. Rows of one cell whose
 stored configs differ in a value other than the seed (``dataset.limit_train``, ``train.epochs``,
@@ -33,6 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from bench.errors import BenchError
+from bench.per_class import class_accuracy, class_accuracy_md, heatmap
 from bench.plots import ba_vs_asr, none_first, stage_cost
 from bench.report_notes import (
     GROUP,
@@ -170,8 +172,9 @@ def md_table(sub: pd.DataFrame, cell: Callable[[pd.Series], str]) -> str:
     return "\n".join(lines)
 
 
-def _sections(board: pd.DataFrame) -> list[str]:
-    """Per (dataset, model, poison_rate): BA/ASR, isolation, wall-time and DER pivots."""
+def _sections(board: pd.DataFrame, classes: pd.DataFrame | None = None) -> list[str]:
+    """Per (dataset, model, poison_rate): BA/ASR, isolation, wall-time and DER pivots, and the
+    lines' clean accuracy per class (``classes``: ``bench.per_class.class_accuracy``)."""
     out = []
     for (dataset, model), dm in board.groupby(["dataset", "model"], sort=True):
         attacked = dm[dm.attack != "none"]
@@ -187,22 +190,29 @@ def _sections(board: pd.DataFrame) -> list[str]:
             out += ["Wall time (s)", "", md_table(sub, lambda r: fmt(r, "wall_s", 1.0)), ""]
             if (sub.der_n > 0).any():
                 out += ["DER (%)", "", md_table(sub[sub.der_n > 0], lambda r: fmt(r, "der")), ""]
+            if classes is not None:
+                out += class_accuracy_md(classes[(classes.dataset == dataset)
+                                                 & (classes.model == model)
+                                                 & ((classes.poison_rate == pr)
+                                                    | (classes.attack == "none"))])
     return out
 
 
 
 def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok: int,
              superseded: pd.DataFrame | None = None, mixed: list[str] | None = None,
-             stale: list[str] | None = None, split: list[str] | None = None) -> str:
+             stale: list[str] | None = None, split: list[str] | None = None,
+             classes: pd.DataFrame | None = None) -> str:
     """The whole ``leaderboard.md``; ``mixed``, ``stale`` and ``split`` are
-    ``mixed_compute_note``'s, ``stale_note``'s and ``setting_note``'s lines."""
+    ``mixed_compute_note``'s, ``stale_note``'s and ``setting_note``'s lines, ``classes``
+    ``class_accuracy``'s table."""
     lines = [f"# Leaderboard — {results_dir}", "",
              f"{n_ok + len(failed)} runs: {n_ok} ok, {len(failed)} failed.", "", HEADER, ""]
     if not n_ok:
         lines += [f"**no successful runs in {results_dir}**", ""]
     return "\n".join(lines + failed_note(failed) + superseded_note(superseded) + (split or [])
                      + (mixed or [])
-                     + (stale or []) + _sections(board)).rstrip() + "\n"
+                     + (stale or []) + _sections(board, classes)).rstrip() + "\n"
 
 
 
@@ -221,7 +231,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
     named = attack_settings(ok)
     split = setting_note(named)
     named = setting_names(named)
-    board, mixed = leaderboard(named), mixed_compute_note(named)
+    board, mixed, classes = leaderboard(named), mixed_compute_note(named), class_accuracy(named)
     stale = stale_note(ok, results_dir)
     notes = [f"no successful runs in {results_dir}"] if ok.empty else []
     notes += [f"{len(failed)} failed run(s), listed in leaderboard.md"] if len(failed) else []
@@ -233,10 +243,13 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
     paths = {"leaderboard.csv": out / "leaderboard.csv", "leaderboard.md": out / "leaderboard.md"}
     atomic_write(paths["leaderboard.csv"], board.to_csv(index=False))
     atomic_write(paths["leaderboard.md"],
-                 markdown(board, failed, results_dir, len(ok), superseded, mixed, stale, split))
+                 markdown(board, failed, results_dir, len(ok), superseded, mixed, stale, split,
+                          classes))
     if not ok.empty:
         paths["ba_vs_asr.png"] = ba_vs_asr(board, out / "ba_vs_asr.png")
         paths["stage_cost.png"] = stage_cost(ok, out / "stage_cost.png")
+    if not classes.empty:  # rows that record per-class accuracies
+        paths["class_accuracy.png"] = heatmap(classes, out / "class_accuracy.png")
     return paths, notes
 
 

@@ -300,3 +300,20 @@ def test_main_table_shows_its_main_setting_only(setup: tuple[Path, Path]) -> Non
     md = (results / "paper" / "toy.md").read_text()
     assert "| badnets | dbd | 92.0 / 1.0 |  | 83.0 / 2.0 | 74.0 / 40.0 (n = 2) |" in md
     assert "Left out: 1 row of the main table under another setting" in md
+
+
+def test_page_shows_the_reduced_rows_by_class(setup: tuple[Path, Path]) -> None:
+    results, ref = setup
+    run_check(results / "paper", results / "fashion_mnist", results / "paper", ref)
+    assert "by class" not in (results / "paper" / "toy.md").read_text()  # no row records it
+    row = {"run_id": "badnets-dbd-s0", "dataset": "fashion_mnist", "model": "cnn_small",
+           "attack": "badnets", "defense": "dbd", "poison_rate": 0.1, "seed": 0, "target": 0,
+           "ba": 0.83, "asr": 0.02, "status": "ok", "error": None,
+           "timestamp": "2026-01-01T00:00:00+00:00",
+           "extra": {"clean_acc_class": [0.9, 1.0, 0.8, 0.9, 0.0, 1.0, 0.0, 0.9, 1.0, 0.95]}}
+    write_row(results / "fashion_mnist", row | _job("badnets", "dbd"))
+    run_check(results / "paper", results / "fashion_mnist", results / "paper", ref)
+    md = (results / "paper" / "toy.md").read_text()
+    assert "## Reduced rows by class" in md
+    assert ("| badnets | dbd | 1 | **90.0** | 100.0 | 80.0 | 90.0 | 0.0 | 100.0 | 0.0 | 90.0 | "
+            "100.0 | 95.0 |") in md
