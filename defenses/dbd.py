@@ -23,8 +23,9 @@ Stages (each a timed stage; every number a key of ``conf/defense/dbd.yaml``):
    clean images (``split_on: clean``, ``resplit: once``). The unlabelled set of the last split is
    reported as suspects (``"split"``, the row's ``iso_*``), and every split as ``"split_ep<k>"``:
    the harness scores each, so the row's ``extra`` holds the poisoned share of the labelled set
-   per epoch (``split_ep<k>_kept_poison``). ``split_min_class_share_ep<k>`` is the smallest
-   labelled share of a given-label class (a class with no labels is learned from guesses only).
+   per epoch (``split_ep<k>_kept_poison``). ``split_class_share_ep<k>`` is the labelled share
+   of every given-label class, ``split_min_class_share_ep<k>`` the smallest (a class with no
+   labels is learned from guesses only).
 4. ``mixmatch`` — MixMatch on the whole model (``defenses/mixmatch.py``): batches 64 + 64, K = 2,
    T = 0.5, Beta(0.75, 0.75), λ_u = 15·clip(t/190, 0, 1) with t the global epoch *including* the
    10 warm-up epochs, 190 epochs × 1024 iterations, same Adam, no EMA. The final model is the
@@ -145,6 +146,20 @@ def sce_per_sample(model: nn.Module, data: ImageSet, p: DBDParams, eng: Engine,
     return torch.cat(out)
 
 
+def _split_stats(labelled: torch.Tensor, losses: torch.Tensor, y: torch.Tensor,
+                 num_classes: int, epsilon: float, ep: str) -> dict[str, float | list[float]]:
+    """What a split is recorded by: the global cut's largest SCE (``split_threshold``), the
+    labelled share of every given-label class (``split_class_share``, a list; 1.0 for a class
+    without samples) and its smallest (``split_min_class_share``, ``split_min_class``)."""
+    n_cut = max(int(epsilon * len(losses)), 1)
+    share = torch.stack([labelled[y == c].float().mean()
+                         for c in range(num_classes)]).nan_to_num(1.0)
+    return {f"split_threshold{ep}": losses.sort().values[n_cut - 1].item(),
+            f"split_min_class_share{ep}": share.min().item(),
+            f"split_min_class{ep}": float(share.argmin()),
+            f"split_class_share{ep}": [round(v, 4) for v in share.tolist()]}
+
+
 def credibility_split(model: nn.Module, data: ImageSet, p: DBDParams, eng: Engine,
                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool mask ``[N]`` of the ``int(ε·N)`` lowest-SCE samples (the labelled set), plus the
@@ -203,12 +218,7 @@ def dbd(data: ImageSet, p: DBDParams, ctx: DefenseContext) -> DefenseResult:
             with ctx.stage("credibility_split"):
                 new, losses = credibility_split(model, data, p, eng, split_gen)
             ep = f"_ep{epoch + 1}"
-            n_cut = max(int(p.split.epsilon * len(losses)), 1)  # the global cut's largest SCE
-            extra[f"split_threshold{ep}"] = losses.sort().values[n_cut - 1].item()
-            share = torch.stack([new[data.y == c].float().mean()
-                                 for c in range(data.num_classes)]).nan_to_num(1.0)
-            extra[f"split_min_class_share{ep}"] = share.min().item()
-            extra[f"split_min_class{ep}"] = float(share.argmin())
+            extra |= _split_stats(new, losses, data.y, data.num_classes, p.split.epsilon, ep)
             suspects[f"split{ep}"] = ~new  # scored per epoch by the harness
             if labelled is not None:  # fraction of the labelled set replaced since last split
                 extra[f"split_turnover{ep}"] = (new & ~labelled).sum().item() / new.sum().item()

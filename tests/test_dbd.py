@@ -271,6 +271,10 @@ def test_dbd_end_to_end(tiny_cfg):
     assert extra["split_ep1_iso_recall"] == pytest.approx(
         1 - extra["split_ep1_kept_poison"] * 300 / row["n_poisoned"])
     assert 0 <= extra["split_min_class_share_ep1"] <= 1
+    shares = extra["split_class_share_ep2"]  # the labelled share of each of the 4 classes
+    assert len(shares) == 4 and all(0 <= s <= 1 for s in shares)
+    assert min(shares) == pytest.approx(extra["split_min_class_share_ep2"], abs=1e-4)
+    assert shares.index(min(shares)) == extra["split_min_class_ep2"]
     assert row["iso_precision"] == extra["split_iso_precision"]
     # λu at the end of semi epoch 2 = 15·(1 warm-up + 1 + 1/2)/190
     assert extra["mixmatch_lambda_u_ep2"] == pytest.approx(15 * 2.5 / 190)
