@@ -5,7 +5,8 @@ class out of the labelled set, ABL's unlearning can erase the target class or th
 isolated clean samples come from. ``class_accuracy`` averages each leaderboard line's per-class
 accuracies over its rows (seeds); ``bench.report`` writes them as a table per section of
 ``leaderboard.md`` (``class_accuracy_md``) and as ``class_accuracy.png`` (``heatmap``).
-Rows from before the per-class column, or without it, are left out (``n`` counts the rest).
+Rows from before the per-class column, or without it, are left out: ``n`` counts the rows
+averaged, ``of`` the line's rows, shown as ``1/3`` (and in the figure) where they differ.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from matplotlib.patches import Rectangle
 
 from bench.data import CLASS_NAMES
 from bench.plots import new_figure, none_first, save_png
+from bench.rows import GROUP
 
-KEYS = ["dataset", "model", "attack", "defense", "poison_rate"]  # one leaderboard line
 MAX_CLASSES = 20  # wider tables and figures stop being readable: left out, with a note
 
 
@@ -31,38 +32,41 @@ def _accuracies(extra: Any) -> list[float] | None:
     """``clean_acc_class`` of an ``extra`` cell (dict or JSON), or None."""
     try:
         d = json.loads(extra) if isinstance(extra, str) else extra
-    except ValueError:
+        acc = d.get("clean_acc_class") if isinstance(d, dict) else None
+        return ([math.nan if a is None else float(a) for a in acc]
+                if isinstance(acc, list) and acc else None)
+    except (TypeError, ValueError):  # bad JSON or a value that is no number: edited by hand
         return None
-    acc = d.get("clean_acc_class") if isinstance(d, dict) else None
-    return [float(a) for a in acc] if isinstance(acc, list) and acc else None
 
 
 def _target(g: pd.DataFrame) -> int | None:
     """The line's single all-to-one (or clean-label) target; None for all-to-all or none."""
-    if g.attack.iloc[0] == "none" or (g.get("label_mode") == "all2all").any():
+    if g.attack.iloc[0] == "none" or (g.get("label_mode", pd.Series(dtype=object))
+                                        == "all2all").any():
         return None
     t = pd.to_numeric(g.get("target", pd.Series(dtype=float)), errors="coerce").dropna()
     return int(t.iloc[0]) if len(t) and t.nunique() == 1 else None
 
 
 def class_accuracy(ok: pd.DataFrame) -> pd.DataFrame:
-    """One row per leaderboard line with per-class data: ``KEYS``, ``target``, ``n`` (rows
-    averaged) and ``acc``, the mean accuracy of each class (NaN where no row has the class)."""
-    cols = [*KEYS, "target", "n", "acc"]
+    """One row per leaderboard line with per-class data: ``GROUP``, ``target``, ``n`` (rows
+    averaged), ``of`` (the line's rows) and ``acc``, the mean accuracy of each class (NaN where
+    no row has the class)."""
+    cols = [*GROUP, "target", "n", "of", "acc"]
     if ok.empty or "extra" not in ok:
         return pd.DataFrame(columns=cols)
     acc = ok.extra.map(_accuracies)
     rows = ok.assign(_acc=acc, poison_rate=pd.to_numeric(ok.poison_rate, errors="coerce"))
-    rows = rows[acc.notna()]
+    of = rows.groupby(GROUP, dropna=False, sort=False).size()
     out = []
-    for key, g in rows.groupby(KEYS, dropna=False, sort=False):
+    for key, g in rows[acc.notna()].groupby(GROUP, dropna=False, sort=False):
         width = max(map(len, g._acc))
         stack = np.array([a + [math.nan] * (width - len(a)) for a in g._acc], dtype=float)
         with warnings.catch_warnings():  # a class no row has: NaN, without "empty slice"
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = [float(v) for v in np.nanmean(stack, 0)]
-        out.append(dict(zip(KEYS, key, strict=True)) | {"target": _target(g), "n": len(g),
-                                                         "acc": mean})
+        out.append(dict(zip(GROUP, key, strict=True)) | {"target": _target(g), "n": len(g),
+                                                          "of": int(of[key]), "acc": mean})
     table = pd.DataFrame(out, columns=cols)
     if table.empty:
         return table
@@ -77,6 +81,11 @@ def class_names(dataset: str, k: int) -> list[str]:
     """The dataset's class names when known and ``k`` matches, else ``0..k-1``."""
     names = CLASS_NAMES.get(dataset)
     return list(names) if names is not None and len(names) == k else [str(c) for c in range(k)]
+
+
+def _n(r: Any) -> str:
+    """``n``, or ``n/of`` where some of the line's rows have no per-class data."""
+    return f"{r.n}" if r.n == r.of else f"{r.n}/{r.of}"
 
 
 def class_accuracy_md(table: pd.DataFrame) -> list[str]:
@@ -95,24 +104,32 @@ def class_accuracy_md(table: pd.DataFrame) -> list[str]:
                  for c in range(k)]
         if r.target is not None and not pd.isna(r.target) and int(r.target) < k:
             cells[int(r.target)] = f"**{cells[int(r.target)]}**"
-        lines.append(f"| {r.attack} | {r.defense} | {r.n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.attack} | {r.defense} | {_n(r)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
-def heatmap(table: pd.DataFrame, path: Path) -> Path:
+def section_md(table: pd.DataFrame | None, dataset: str, model: str, rate: float) -> list[str]:
+    """``class_accuracy_md`` of one leaderboard section: its dataset, model and poison rate, and
+    its clean line (``attack=none``), as the section's tables show it."""
+    if table is None or table.empty:
+        return []
+    return class_accuracy_md(table[(table.dataset == dataset) & (table.model == model)
+                                   & ((table.poison_rate == rate) | (table.attack == "none"))])
+
+
+def heatmap(table: pd.DataFrame, path: Path) -> Path | None:
     """One heatmap per (dataset, model) with at most ``MAX_CLASSES`` classes: a line per
-    leaderboard line (``attack / defense``, the poison rate too when the panel has several),
-    a column per class, the accuracy in % in each cell, the target class's cell outlined."""
+    leaderboard line (``attack / defense``, the poison rate too when the panel has several, and
+    ``n/of`` rows where not all have per-class data), a column per class, the accuracy in % in
+    each cell, the target class's cell outlined. Writes nothing and returns None when no
+    panel qualifies (no per-class data, or only wider datasets: the Markdown says so)."""
     panels = [(key, g) for key, g in table.groupby(["dataset", "model"], sort=True)
               if max(map(len, g.acc)) <= MAX_CLASSES]
-    heights = [max(1.5, 0.32 * len(g) + 1.2) for _, g in panels] or [2.0]
+    if not panels:
+        return None
+    heights = [max(1.5, 0.32 * len(g) + 1.2) for _, g in panels]
     fig = new_figure(9.0, sum(heights) + 0.3)
     fig.set_layout_engine("constrained")  # panels, tick labels and the colour bar apart
-    if not panels:
-        ax = fig.add_subplot()
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no per-class accuracies", ha="center", va="center")
-        return save_png(fig, path)
     axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, ((dataset, model), g) in zip(axes, panels, strict=True):
         k = max(map(len, g.acc))
@@ -121,6 +138,7 @@ def heatmap(table: pd.DataFrame, path: Path) -> Path:
         several = g.poison_rate.nunique() > 1
         ax.set_yticks(range(len(g)), [f"{r.attack} / {r.defense}"
                                       + (f" @ {r.poison_rate:g}" if several else "")
+                                      + ("" if r.n == r.of else f" (n {_n(r)})")
                                       for r in g.itertuples()], fontsize=8)
         ax.set_xticks(range(k), class_names(dataset, k), rotation=40, ha="right", fontsize=8)
         for i, r in enumerate(g.itertuples()):

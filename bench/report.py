@@ -16,7 +16,7 @@ dataset/model, as the first attack row, so each table carries its clean referenc
 
 The notes come from ``bench.report_notes``, the figures from ``bench.plots``.
 
-It imports Hydra for ``ReportCallback`` only (``bench.cli`` is the other entry point).
+It imports Hydra for ``ReportCallback`` only.
 """
 
 from __future__ import annotations
@@ -34,17 +34,16 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from bench.errors import BenchError
-from bench.per_class import class_accuracy, class_accuracy_md, heatmap
+from bench.per_class import class_accuracy, heatmap, section_md
 from bench.plots import ba_vs_asr, none_first, stage_cost
 from bench.report_notes import (
-    GROUP,
     failed_note,
     mixed_compute_note,
     setting_note,
     stale_note,
     superseded_note,
 )
-from bench.rows import atomic_write, latest_per_cell, load_results, main_settings
+from bench.rows import GROUP, atomic_write, latest_per_cell, load_results, main_settings
 
 log = logging.getLogger("bench")
 
@@ -135,7 +134,6 @@ def setting_names(rows: pd.DataFrame) -> pd.DataFrame:
                        defense=tag(rows.defense, "defense_setting"))
 
 
-
 def leaderboard(ok: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, attack, defense, poison_rate): ``<metric>_{mean,std,n}``.
 
@@ -190,13 +188,8 @@ def _sections(board: pd.DataFrame, classes: pd.DataFrame | None = None) -> list[
             out += ["Wall time (s)", "", md_table(sub, lambda r: fmt(r, "wall_s", 1.0)), ""]
             if (sub.der_n > 0).any():
                 out += ["DER (%)", "", md_table(sub[sub.der_n > 0], lambda r: fmt(r, "der")), ""]
-            if classes is not None:
-                out += class_accuracy_md(classes[(classes.dataset == dataset)
-                                                 & (classes.model == model)
-                                                 & ((classes.poison_rate == pr)
-                                                    | (classes.attack == "none"))])
+            out += section_md(classes, dataset, model, pr)
     return out
-
 
 
 def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok: int,
@@ -213,7 +206,6 @@ def markdown(board: pd.DataFrame, failed: pd.DataFrame, results_dir: Path, n_ok:
     return "\n".join(lines + failed_note(failed) + superseded_note(superseded) + (split or [])
                      + (mixed or [])
                      + (stale or []) + _sections(board, classes)).rstrip() + "\n"
-
 
 
 def build(results_dir: str | Path, out_dir: str | Path | None = None
@@ -248,8 +240,8 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None
     if not ok.empty:
         paths["ba_vs_asr.png"] = ba_vs_asr(board, out / "ba_vs_asr.png")
         paths["stage_cost.png"] = stage_cost(ok, out / "stage_cost.png")
-    if not classes.empty:  # rows that record per-class accuracies
-        paths["class_accuracy.png"] = heatmap(classes, out / "class_accuracy.png")
+    if (fig := heatmap(classes, out / "class_accuracy.png")) is not None:
+        paths["class_accuracy.png"] = fig  # rows that record per-class accuracies
     return paths, notes
 
 

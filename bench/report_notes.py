@@ -11,9 +11,7 @@ from typing import Any
 import pandas as pd
 
 from bench.rerun import classify
-from bench.rows import NOT_STORED, main_settings
-
-GROUP = ["dataset", "model", "attack", "defense", "poison_rate"]  # one leaderboard line
+from bench.rows import GROUP, NOT_STORED, main_settings
 
 
 def _seeds(rows: pd.DataFrame, by_defense: bool) -> str:

@@ -129,6 +129,7 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
 
 
+GROUP = ["dataset", "model", "attack", "defense", "poison_rate"]  # one leaderboard line
 CELL = ["dataset", "model", "attack", "target", "label_mode", "defense", "poison_rate", "seed"]
 # a row's setting (``config_settings``): at the attack level among the rows of its attack
 # setting, every defense and seed together; at the defense level among the rows of its cell
