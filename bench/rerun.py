@@ -147,7 +147,7 @@ def check(rows: pd.DataFrame) -> list[str]:
     return [head, *bad]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.rerun", description=__doc__.split("\n")[0])
     p.add_argument("run_id", nargs="?", help="the row to rerun (its run_id)")
     p.add_argument("--results", default="results/fashion_mnist",
@@ -159,7 +159,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default: the row's)")
     p.add_argument("--data-root", default=None, help="dataset files, as data_root of a run")
     p.add_argument("--check", action="store_true", help="list rows this version cannot rebuild")
-    a = p.parse_args(argv)
+    return p
+
+
+def rerun(row: pd.Series, a: argparse.Namespace) -> None:
+    """Rerun ``row`` as ``a`` (the parsed command line) says and print both rows' metrics."""
+    old_threads = int(row.threads) if pd.notna(row.get("threads")) else None
+    was_device = row.get("device") if isinstance(row.get("device"), str) else "auto"
+    device_name = a.device or was_device.split(":")[0]
+    cfg = rebuild(row, {"results_dir": a.out, "device": device_name, "force": True,
+                        "threads": a.threads if a.threads is not None else old_threads,
+                        "data_root": a.data_root})
+    device = resolve_device(device_name)
+    if cfg.amp is True and not native_bf16(device):
+        sys.stderr.write(f"note: the row trained in bf16 and {hardware(device)} has no native "
+                         "bf16, so this rerun emulates it (about ten times slower)\n")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    new = run_and_record(cfg)
+    if new.get("status") != "ok":
+        msg = str(new.get("error") or "").strip().splitlines()
+        raise BenchError(f"the rerun failed ({msg[0] if msg else 'no error recorded'}); "
+                         f"its row is in {a.out}")
+    lines, same = compare(row, new)
+    here, was = hardware(device), row.get("hardware")
+    was = was if isinstance(was, str) else "unrecorded hardware"
+    print(f"{a.run_id}: recorded ({row.get('status')}) on {was} with {old_threads} "
+          f"thread(s), rerun on {here} with {new.get('threads')}")
+    print("\n".join(lines))
+    elsewhere = (here, new.get("threads")) != (was, old_threads)
+    print("identical" if same else "differs" + (
+        "" if not elsewhere else " (on other hardware or another thread count"
+        + (": bf16 results differ between those)" if cfg.amp else ")")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
     try:
         rows = load_results(a.results)
         if rows.empty:
@@ -172,33 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if Path(a.out).resolve() == Path(a.results).resolve():
             raise BenchError(f"--out {a.out} is the folder of the recorded row, which the rerun "
                              "would replace; pass another --out")
-        row = find_row(rows, a.run_id, a.results)
-        old_threads = int(row.threads) if pd.notna(row.get("threads")) else None
-        was_device = row.get("device") if isinstance(row.get("device"), str) else "auto"
-        device_name = a.device or was_device.split(":")[0]
-        cfg = rebuild(row, {"results_dir": a.out, "device": device_name, "force": True,
-                            "threads": a.threads if a.threads is not None else old_threads,
-                            "data_root": a.data_root})
-        device = resolve_device(device_name)
-        if cfg.amp is True and not native_bf16(device):
-            sys.stderr.write(f"note: the row trained in bf16 and {hardware(device)} has no native "
-                             "bf16, so this rerun emulates it (about ten times slower)\n")
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-        new = run_and_record(cfg)
-        if new.get("status") != "ok":
-            msg = str(new.get("error") or "").strip().splitlines()
-            raise BenchError(f"the rerun failed ({msg[0] if msg else 'no error recorded'}); "
-                             f"its row is in {a.out}")
-        lines, same = compare(row, new)
-        here, was = hardware(device), row.get("hardware")
-        was = was if isinstance(was, str) else "unrecorded hardware"
-        print(f"{a.run_id}: recorded ({row.get('status')}) on {was} with {old_threads} "
-              f"thread(s), rerun on {here} with {new.get('threads')}")
-        print("\n".join(lines))
-        elsewhere = (here, new.get("threads")) != (was, old_threads)
-        print("identical" if same else "differs" + (
-            "" if not elsewhere else " (on other hardware or another thread count"
-            + (": bf16 results differ between those)" if cfg.amp else ")")))
+        rerun(find_row(rows, a.run_id, a.results), a)
         return 0
     except BenchError as e:
         sys.stderr.write(f"error: {e}\n")
