@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.data import ASSETS, DEBIAN_FMNIST, read_idx
+from bench.data import ASSETS
+from bench.data_files import DEBIAN_FMNIST, read_idx
 
 SEED = 20170825  # Fashion-MNIST's release date; any fixed value works
 PER_CLASS = {"train": 1000, "t10k": 200}

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.data import DATASETS, DEBIAN_FMNIST, DatasetError, ImageSet, load_dataset, read_idx
+from bench.data import DATASETS, DatasetError, ImageSet, load_dataset
+from bench.data_files import DEBIAN_FMNIST, read_idx
 
 # --------------------------------------------------------------------------- helpers
 
