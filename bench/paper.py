@@ -47,7 +47,7 @@ from bench.paper_claims import (
     paper_rows,
 )
 from bench.per_class import class_accuracy, class_accuracy_md
-from bench.rows import atomic_write, latest_per_cell, load_results, main_settings, parse_config
+from bench.rows import atomic_write, latest_per_cell, load_results, main_settings, parse_json_object
 
 REDUCED_RATE = 0.1  # the reduced claims are checked at 10% poisoning
 REDUCED_SEEDS = (0,)  # the reduced variants' seed, the only one checked
@@ -100,7 +100,7 @@ def _other_configs(rows: pd.DataFrame, jobs: dict[tuple[str, str, int], dict[str
     out = []
     for r in rows.itertuples():
         job = jobs.get((r.attack, r.defense, int(r.seed)))
-        stored = parse_config(r.config)
+        stored = parse_json_object(r.config)
         keys = (", ".join(config_diff(job, stored)) if stored is not None and job
                 else "config not stored")
         out.append(f"`{r.run_id}` ({keys})")

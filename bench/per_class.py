@@ -11,7 +11,6 @@ averaged, ``of`` the line's rows, shown as ``1/3`` (and in the figure) where the
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -22,20 +21,19 @@ import pandas as pd
 from matplotlib.patches import Rectangle
 
 from bench.data import CLASS_NAMES
-from bench.plots import new_figure, none_first, save_png
-from bench.rows import GROUP
+from bench.plots import new_figure, order_lines, save_png
+from bench.rows import GROUP, parse_json_object
 
 MAX_CLASSES = 20  # wider tables and figures stop being readable: left out, with a note
 
 
 def _accuracies(extra: Any) -> list[float] | None:
     """``clean_acc_class`` of an ``extra`` cell (dict or JSON), or None."""
+    acc = (parse_json_object(extra) or {}).get("clean_acc_class")
     try:
-        d = json.loads(extra) if isinstance(extra, str) else extra
-        acc = d.get("clean_acc_class") if isinstance(d, dict) else None
         return ([math.nan if a is None else float(a) for a in acc]
                 if isinstance(acc, list) and acc else None)
-    except (TypeError, ValueError):  # bad JSON or a value that is no number: edited by hand
+    except (TypeError, ValueError):  # a value that is no number: edited by hand
         return None
 
 
@@ -67,14 +65,7 @@ def class_accuracy(ok: pd.DataFrame) -> pd.DataFrame:
             mean = [float(v) for v in np.nanmean(stack, 0)]
         out.append(dict(zip(GROUP, key, strict=True)) | {"target": _target(g), "n": len(g),
                                                           "of": int(of[key]), "acc": mean})
-    table = pd.DataFrame(out, columns=cols)
-    if table.empty:
-        return table
-    order = {a: i for i, a in enumerate(none_first(table.attack))}
-    dorder = {d: i for i, d in enumerate(none_first(table.defense))}
-    return (table.assign(_a=table.attack.map(order), _d=table.defense.map(dorder))
-            .sort_values(["dataset", "model", "poison_rate", "_a", "_d"], kind="stable")
-            .drop(columns=["_a", "_d"]).reset_index(drop=True))
+    return order_lines(pd.DataFrame(out, columns=cols))
 
 
 def class_names(dataset: str, k: int) -> list[str]:

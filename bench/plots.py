@@ -5,8 +5,6 @@ writes them as ``ba_vs_asr.png`` and ``stage_cost.png``), their fixed defense co
 from __future__ import annotations
 
 import io
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from bench.rows import atomic_write, parse_json_object
 
 DEFENSE_COLORS = {"none": "#444444", "abl": "#1f77b4", "dbd": "#2ca02c", "dlp": "#d62728"}
 FALLBACK_COLORS = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
@@ -23,6 +23,18 @@ MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 def none_first(names: Any) -> list[str]:
     """Sorted unique names with ``none`` first."""
     return sorted(set(names), key=lambda s: (s != "none", str(s)))
+
+
+def order_lines(df: pd.DataFrame) -> pd.DataFrame:
+    """Leaderboard lines sorted by dataset, model, poison rate, then attack and defense with
+    ``none`` first (as ``none_first``); a fresh index."""
+    def key(s: pd.Series) -> pd.Series:
+        if s.name in ("attack", "defense"):
+            return s.map(lambda v: ("0" if v == "none" else "1") + str(v))
+        return s
+
+    keys = ["dataset", "model", "poison_rate", "attack", "defense"]
+    return df.sort_values(keys, key=key, kind="stable").reset_index(drop=True)
 
 
 def defense_colors(defenses: list[str]) -> dict[str, str]:
@@ -39,12 +51,10 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_png(fig: Figure, path: Path) -> Path:
-    """Render ``fig`` (dpi 120) and replace ``path`` atomically."""
+    """Render ``fig`` (dpi 120) and replace ``path`` atomically (``bench.rows.atomic_write``)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -86,11 +96,8 @@ def ba_vs_asr(board: pd.DataFrame, path: Path) -> Path:
 
 def _stages(v: Any) -> dict[str, float]:
     """``{stage: seconds}`` from a ``stage_s`` cell (JSON string or dict; else empty)."""
-    try:
-        d = json.loads(v) if isinstance(v, str) else v
-    except json.JSONDecodeError:
-        return {}
-    return {k: float(s) for k, s in d.items()} if isinstance(d, dict) else {}
+    d = parse_json_object(v) or {}
+    return {k: float(s) for k, s in d.items()}
 
 
 def stage_cost(ok: pd.DataFrame, path: Path) -> Path:

@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 
 from bench.errors import BenchError
 from bench.per_class import class_accuracy, heatmap, section_md
-from bench.plots import ba_vs_asr, none_first, stage_cost
+from bench.plots import ba_vs_asr, none_first, order_lines, stage_cost
 from bench.report_notes import (
     failed_note,
     mixed_compute_note,
@@ -57,17 +57,6 @@ HEADER = """\
 - **DER**: [max(0, ΔASR) − max(0, ΔBA) + 1] / 2 against `defense=none` (higher is better).
 
 Cells are mean±std over seeds when n > 1, in % (wall time in s); — means not applicable."""
-
-
-def _order(df: pd.DataFrame) -> pd.DataFrame:
-    """Sort by dataset, model, poison rate, then attack and defense with ``none`` first."""
-    def key(s: pd.Series) -> pd.Series:
-        if s.name in ("attack", "defense"):
-            return s.map(lambda v: ("0" if v == "none" else "1") + str(v))
-        return s
-
-    keys = ["dataset", "model", "poison_rate", "attack", "defense"]
-    return df.sort_values(keys, key=key, kind="stable").reset_index(drop=True)
 
 
 def _der_table(ok: pd.DataFrame) -> pd.DataFrame:
@@ -147,7 +136,7 @@ def leaderboard(ok: pd.DataFrame) -> pd.DataFrame:
     board.columns = [f"{m}_{'n' if s == 'count' else s}" for m, s in board.columns]
     board = board.reset_index().merge(_der_table(ok), on=GROUP, how="left")
     board["der_n"] = board["der_n"].fillna(0).astype(int)
-    return _order(board[CSV_COLUMNS])
+    return order_lines(board[CSV_COLUMNS])
 
 
 def fmt(row: pd.Series, metric: str, scale: float = 100.0) -> str:

@@ -27,7 +27,7 @@ import pandas as pd
 
 from bench.config import RunConfig, config_hash, from_dict, hash_of, rebuild_diff
 from bench.errors import BenchError
-from bench.rows import load_results, read_config
+from bench.rows import load_results, read_json_object
 from bench.run import hardware, native_bf16, resolve_device, run_and_record
 
 COMPARED = ["ba", "ba_nt", "asr", "ra", "iso_precision", "iso_recall", "n_suspects"]
@@ -41,7 +41,7 @@ def _sha(row: pd.Series) -> str:
 def stored_config(row: pd.Series) -> dict | None:
     """The row's stored config, or None for a row that predates stored configs."""
     try:
-        return read_config(row.get("config"))
+        return read_json_object(row.get("config"))
     except ValueError as e:  # not valid JSON (…), or not a JSON object
         raise BenchError(f"row {row.run_id}: its config is {e}; the row's file or runs.csv line "
                          "was edited by hand") from e

@@ -147,26 +147,27 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_config(raw: Any) -> dict | None:
-    """A row's stored config (``CONFIG``: a dict, or its JSON), or None when it has none (older
-    rows); raises ``ValueError`` (``not valid JSON (…)``, ``not a JSON object``) when unreadable."""
+def read_json_object(raw: Any) -> dict | None:
+    """A row's JSON-object cell (``config``, ``extra``, ``stage_s``: a dict, or its JSON), or
+    None when it is empty (an older row without it); raises ``ValueError`` (``not valid JSON
+    (…)``, ``not a JSON object``) when unreadable."""
     if isinstance(raw, dict):
         return raw
     if not isinstance(raw, str) or not raw.strip():
         return None
     try:
-        cfg = json.loads(raw)
+        obj = json.loads(raw)
     except ValueError as e:
         raise ValueError(f"not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
+    if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
-    return cfg
+    return obj
 
 
-def parse_config(raw: Any) -> dict | None:
-    """A row's stored config (``read_config``), or None when it has none or it is unreadable."""
+def parse_json_object(raw: Any) -> dict | None:
+    """``read_json_object``, or None when the cell is unreadable."""
     try:
-        return read_config(raw)
+        return read_json_object(raw)
     except ValueError:
         return None
 
@@ -174,7 +175,7 @@ def parse_config(raw: Any) -> dict | None:
 def _flat_config(raw: Any) -> dict[str, Any] | None:
     """A row's stored config as dotted keys without ``seed``; None when it has none (older rows)
     or it is unreadable."""
-    cfg = parse_config(raw)
+    cfg = parse_json_object(raw)
     return None if cfg is None else {k: v for k, v in flatten(cfg).items() if k != "seed"}
 
 
