@@ -26,6 +26,17 @@ def test_flooding_value_and_gradient_sign():
     assert torch.allclose(g_flood, -logits.grad)  # below γ: ascent
 
 
+def test_flooding_descends_above_gamma():
+    logits = torch.tensor([[0.0, 2.0], [2.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    ce = torch.nn.functional.cross_entropy(logits, y)  # ≈ 2.13 > γ = 0.5
+    loss = flooding(logits, y, gamma=0.5)
+    assert torch.isclose(loss, ce)
+    (g_flood,) = torch.autograd.grad(loss, logits)
+    (g_ce,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), logits)
+    assert torch.allclose(g_flood, g_ce)  # above γ: plain descent
+
+
 def test_lga_is_per_sample():
     logits = torch.tensor([[4.0, 0.0], [0.0, 0.0]], requires_grad=True)
     y = torch.tensor([0, 0])
@@ -211,6 +222,67 @@ def test_joint_unlearning_uses_its_optimizer_and_schedule(optimizer, schedule):
         assert step.max() <= 1e-3 * (1 + 1e-4) and step.median() > 0.99e-3
     else:
         assert step.max() == 0
+
+
+def test_joint_unlearning_descends_on_rest_and_ascends_on_isolated():
+    """One plain-SGD joint step (each set one batch) equals ``w − lr·∇[CE(rest) − CE(iso)]``
+    computed directly, and not the step that descends on both."""
+    import copy
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from defenses.abl import NO_AUG, unlearn_joint
+
+    data, p, ctx, _ = _tiny_abl()
+    model = ctx.engine.place(ctx.make_model())
+    iso = torch.zeros(len(data.y), dtype=torch.bool)
+    iso[:30] = True
+    rest_set, iso_set = data.subset(~iso), data.subset(iso)
+    cfg = replace(p.unlearn, epochs=1, batch_size=512, optimizer="sgd", lr=0.1, momentum=0.0,
+                  nesterov=False, weight_decay=0.0, schedule="constant", augment=NO_AUG)
+
+    def expected(sign: float) -> list[torch.Tensor]:
+        ref = copy.deepcopy(model).train()
+        prep = ctx.engine.prep
+        loss = (F.cross_entropy(ref(prep(rest_set.x, False)), rest_set.y)
+                + sign * F.cross_entropy(ref(prep(iso_set.x, False)), iso_set.y))
+        grads = torch.autograd.grad(loss, list(ref.parameters()))
+        return [w.detach() - 0.1 * g for w, g in zip(ref.parameters(), grads, strict=True)]
+
+    ascend, descend = expected(-1.0), expected(+1.0)
+    unlearn_joint(model, rest_set, iso_set, cfg, ctx, torch.Generator().manual_seed(0),
+                  hflip=False)
+    after = list(model.parameters())
+    assert all(torch.allclose(a, e, atol=1e-6) for a, e in zip(after, ascend, strict=True))
+    assert not all(torch.allclose(a, e, atol=1e-6) for a, e in zip(after, descend, strict=True))
+
+
+def test_stages_train_on_the_sets_isolation_leaves(monkeypatch):
+    """Isolation trains on every sample; fine-tuning on exactly the unflagged ones; the
+    unlearning ascends on exactly the flagged ones."""
+    from dataclasses import replace
+
+    import defenses.abl as mod
+
+    data, p, ctx, _ = _tiny_abl()
+    p = replace(p, isolation=replace(p.isolation, epochs=1), finetune=replace(p.finetune, epochs=1),
+                unlearn=replace(p.unlearn, epochs=1))
+    calls, original = [], mod.fit
+
+    def spy(model, x, y, cfg, *args, **kwargs):
+        calls.append((kwargs["desc"], x.clone(), y.clone(), kwargs.get("loss_fn")))
+        return original(model, x, y, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(mod, "fit", spy)
+    flagged = abl(data, p, ctx).suspects["isolation"]
+    assert int(flagged.sum()) == 30
+    (d_iso, x_iso, _, _), (d_ft, x_ft, y_ft, _), (d_ul, x_ul, y_ul, loss_ul) = calls
+    assert (d_iso, d_ft, d_ul) == ("abl isolation", "abl finetune", "abl unlearn")
+    assert torch.equal(x_iso, data.x)
+    assert torch.equal(x_ft, data.x[~flagged]) and torch.equal(y_ft, data.y[~flagged])
+    assert torch.equal(x_ul, data.x[flagged]) and torch.equal(y_ul, data.y[flagged])
+    assert loss_ul is negative_ce
 
 
 def test_isolation_ratio_that_isolates_nothing_fails_before_training():

@@ -12,6 +12,7 @@ import yaml
 from attacks import ATTACKS
 from attacks.base import blend
 from attacks.bpp import floyd_steinberg
+from attacks.wanet import warp
 from bench.data import load_dataset
 from bench.poison import CLEAN, COVER, POISONED, AttackSpec, build_attack, poison
 
@@ -138,7 +139,22 @@ def test_wanet_cover_samples_counts_and_labels(data):
     attack = _harness_attack("wanet", train)  # cover = the trigger warp plus per-sample noise
     assert torch.equal(ptrain.data.x[poisoned], attack.apply(train.x[poisoned]))
     assert not torch.equal(ptrain.data.x[cover], attack.apply(train.x[cover]))
+    changed = (ptrain.data.x[cover] != train.x[cover]).flatten(1).float().mean(1)
+    assert (changed > 0.5).all()  # every cover image is warped, not left clean (~96% of pixels)
     assert (trig.y == 1).all() and (trig.y_true != 1).all()
+
+
+def test_wanet_cover_is_trigger_warp_plus_fresh_noise_per_sample():
+    a = make("wanet")
+    h = SHAPE[1]
+    x = images(1).expand(4, -1, -1, -1).clone()  # four copies of one image
+    out = a.cover(x, torch.Generator().manual_seed(3))
+    noise = torch.rand((4, h, h, 2), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    assert torch.equal(out, warp(x, (a.grid + noise / h).clamp(-1, 1)))  # noise mode, ±1/H
+    for i in range(4):
+        assert not torch.equal(out[i], x[i]) and not torch.equal(out[i], a.apply(x[:1])[0])
+        for j in range(i):
+            assert not torch.equal(out[i], out[j])  # the noise grid is drawn per sample
 
 
 def _harness_attack(name: str, train):

@@ -3,16 +3,18 @@ low-frequency) and for ``bench/surrogate.py``'s cache: trigger geometry and budg
 bookkeeping, frequency content, determinism with and without the cache, and cache recovery."""
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import bench.surrogate as S
 from attacks import ATTACKS
-from attacks.lc import four_corner_trigger
-from attacks.lf import lowpass, lowpass_mask, project
+from attacks.lc import four_corner_trigger, pgd
+from attacks.lf import LFParams, lowpass, lowpass_mask, project, universal_perturbation
 from attacks.trojan import optimise_patch, select_neurons
 from bench.data import load_dataset
 from bench.errors import ConfigError
@@ -43,6 +45,16 @@ def run(data, name: str, cache_dir, seed: int = 0, **params):
     train, test = data
     ctx = PrepareContext(seed=seed, cache_dir=None if cache_dir is None else str(cache_dir))
     return poison(train, test, spec(name, **params), seed, ctx)
+
+
+def linear_net(side: int = 8, classes: int = 4) -> torch.nn.Module:
+    """A fixed, frozen linear classifier over flattened 3×side×side images in [0, 1]; weights
+    N(0, 0.2²) so that an 8/255 perturbation moves its loss clearly."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * side * side, classes))
+    with torch.no_grad():
+        net[1].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+        net[1].bias.zero_()
+    return net.requires_grad_(False)
 
 
 def no_training(monkeypatch):
@@ -123,6 +135,28 @@ def test_lc_apply_matches_rows_by_content(data, tmp_path):
     out = attack.apply(mixed)
     assert torch.equal(out[:6], straight[order])
     assert torch.equal(out[6:], attack.for_test().apply(train.x[:2]))  # unknown: trigger only
+
+
+def test_lc_pgd_raises_the_loss_inside_the_ball():
+    net = linear_net()
+    x = torch.rand((16, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    x[:, :, 0] = 0  # pixels at the bottom of the range can only move up
+    y = net(x).argmax(1)  # correctly classified: the loss starts low
+    eps = 8 / 255
+
+    def attack(steps: int) -> torch.Tensor:
+        return pgd(net, x, y, eps, 2 / 255, steps, torch.Generator().manual_seed(2), batch=5)
+
+    def ce(a: torch.Tensor) -> float:
+        return float(F.cross_entropy(net(a), y))
+
+    adv = attack(10)
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert ce(adv) > ce(x) + 0.3  # measured 0.58 -> 1.16
+    start, one, three = (ce(attack(s)) for s in (0, 1, 3))
+    assert abs(start - ce(x)) < 0.02  # the random start alone barely moves the loss
+    assert start + 0.05 < one < three < ce(adv)  # every ascent step adds loss (0.59/0.71/0.92)
+    assert torch.equal(attack(10), adv)  # the start is drawn from the generator only
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -275,6 +309,38 @@ def test_lf_trigger_is_smooth_and_bounded(data, tmp_path):
     pois = p.kind == POISONED
     assert (p.data.x[pois].int() - train.x[pois].int()).abs().max() <= 26  # 255·eps, rounded
     assert (p.data.y[pois] == TARGET).all()
+
+
+def test_lf_universal_perturbation_steers_towards_the_target():
+    net = linear_net()
+    x = torch.randint(0, 256, (64, 3, 8, 8), generator=torch.Generator().manual_seed(1),
+                      dtype=torch.uint8)
+    y = net(x.float() / 255).argmax(1)
+    x, y = x[y != TARGET], y[y != TARGET]  # as prepare: non-target images, none predicted TARGET
+    mask = lowpass_mask(8, 8, 0.5)
+    p = LFParams(eps=0.2, cutoff=0.5, target=TARGET, steps=15, lr=0.02, batch=32)
+    delta = universal_perturbation(net, x, y, p, mask, torch.Generator().manual_seed(3))
+    assert delta.abs().max() <= 0.2 + 1e-6 and out_of_band(delta, mask) < 1e-10
+
+    def logits(d: torch.Tensor) -> torch.Tensor:
+        return net((x.float() / 255 + d).clamp(0, 1))
+
+    def to_target(d: torch.Tensor) -> tuple[float, float]:  # mean p(TARGET), share predicted
+        out = logits(d)
+        hit = (out.argmax(1) == TARGET).float().mean()
+        return float(out.softmax(1)[:, TARGET].mean()), float(hit)
+
+    prob, share = to_target(delta)
+    assert prob > to_target(torch.zeros(3, 8, 8))[0] + 0.15 and share > 0.4  # 0.17 -> 0.37, 0.51
+    g = torch.Generator().manual_seed(4)
+    for _ in range(5):  # random δ under the same constraint (low-pass, same ‖·‖∞) do far less
+        r = lowpass(torch.randn(3, 8, 8, generator=g), mask)
+        r_prob, r_share = to_target(r * (delta.abs().max() / r.abs().max()))
+        assert r_prob < prob - 0.1 and r_share < 0.2  # at most 0.20 and 0.06
+    untargeted = universal_perturbation(net, x, y, replace(p, target=None), mask,
+                                        torch.Generator().manual_seed(3))
+    ce = F.cross_entropy
+    assert ce(logits(untargeted), y) > ce(logits(torch.zeros(3, 8, 8)), y) + 0.3  # 0.62 -> 1.27
 
 
 # --------------------------------------------------------------------------- the cache

@@ -1,6 +1,7 @@
 """DBD: SCE, SimCLR loss and augmentation, MixMatch pieces, credibility split, end to end."""
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.augment import AugmentCfg, augment
 from bench.data import ImageSet
 from bench.errors import ConfigError
 from bench.models import create_model
@@ -190,21 +192,51 @@ class Oracle(nn.Module):
                            torch.zeros(len(x), 4))
 
 
+class TexturedOracle(nn.Module):
+    """Image = level 50·c+5 plus a texture in [0, 10) (uint8) → logits ``s·one_hot(c)`` with
+    ``s = 3 + (left half − right half)·0.2`` in (1, 5): the confidence depends on where the
+    texture's bright pixels are, so a crop shift or a flip changes it; level 240 → uniform."""
+
+    def forward(self, x):
+        v = x.mean((1, 2, 3)) * 255
+        cls = ((v - 10) / 50).round().long().clamp(0, 3)
+        w = x.shape[-1] // 2
+        s = 3 + 0.2 * 255 * (x[..., :w].mean((1, 2, 3)) - x[..., w:].mean((1, 2, 3)))
+        return torch.where((v < 230)[:, None], s[:, None] * F.one_hot(cls, 4).float(),
+                           torch.zeros(len(x), 4))
+
+
 @pytest.mark.parametrize("split_on", ["augmented", "clean"])
 def test_credibility_split_keeps_planted_low_loss(split_on):
     n = 40
     y = torch.arange(n) % 4
     planted = torch.zeros(n, dtype=torch.bool)
     planted[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:12]] = True
-    value = torch.where(planted, 50 * y + 5, torch.full((n,), 250))
-    x = value.view(n, 1, 1, 1).expand(n, 1, 8, 8).to(torch.uint8).contiguous()
+    level = torch.where(planted, 50 * y + 5, torch.full((n,), 240))
+    texture = torch.randint(0, 10, (n, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    x = (level.view(n, 1, 1, 1) + texture).to(torch.uint8)
     data = ImageSet(x=x, y=y, num_classes=4, mean=(0.5,), std=(0.25,), hflip=True, name="toy")
     eng = Engine(torch.device("cpu"), data.mean, data.std, amp=False, channels_last=False)
     p = DBDParams(split=SplitCfg(epsilon=0.5, split_on=split_on), normalize=False)
     p = replace(p, linear=replace(p.linear, normalize=False))
-    labelled, losses = credibility_split(Oracle(), data, p, eng, torch.Generator())
+    model = TexturedOracle()
+    labelled, losses = credibility_split(model, data, p, eng, torch.Generator().manual_seed(2))
     assert labelled.sum() == 20 and labelled[planted].all()
     assert losses[planted].max() < losses[~planted].min()
+
+    def sce_of(view):
+        return sce(model(eng.prep(view, False)), y, p.sce_alpha, p.sce_beta, reduction="none")
+
+    # one view per sample: the linear stage's augmentation (reflect-pad crop + flip, as the
+    # official record loader), replayed from the same generator seed, or the images themselves
+    assert p.linear.augment == AugmentCfg(crop_pad=4, pad_mode="reflect", flip=None)
+    on_clean = sce_of(x)
+    if split_on == "augmented":
+        view = augment(x, p.linear.augment, torch.Generator().manual_seed(2), hflip=True)
+        assert torch.allclose(losses, sce_of(view))
+        assert (losses - on_clean)[planted].abs().max() > 0.1  # the augmentation matters here
+    else:
+        assert torch.allclose(losses, on_clean)
 
 
 def test_class_floor_gives_a_starved_class_its_lowest_loss_labels():
@@ -250,15 +282,49 @@ def test_linear_probe_freezes_backbone_but_not_bn_stats():
         model.zero_grad(set_to_none=True)
 
 
-def test_dbd_end_to_end(tiny_cfg):
+TINY_DBD = ("defense=dbd", "defense.params.simclr.epochs=2",
+            "defense.params.simclr.batch_size=128", "defense.params.linear.epochs=1",
+            "defense.params.mixmatch.epochs=2", "defense.params.mixmatch.iters_per_epoch=2",
+            "defense.params.mixmatch.batch_size=16")
+
+
+def spy_splits(monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Record every labelled mask ``credibility_split`` returns and the one each MixMatch
+    epoch trains with."""
+    import defenses.dbd
+
+    splits, used = [], []
+    real_split, real_mixmatch = defenses.dbd.credibility_split, defenses.dbd.mixmatch_epoch
+
+    def split(*args, **kwargs):
+        keep, losses = real_split(*args, **kwargs)
+        splits.append(keep.clone())
+        return keep, losses
+
+    def mixmatch(model, opt, x, y, labelled, *args, **kwargs):
+        used.append(labelled.clone())
+        return real_mixmatch(model, opt, x, y, labelled, *args, **kwargs)
+
+    monkeypatch.setattr(defenses.dbd, "credibility_split", split)
+    monkeypatch.setattr(defenses.dbd, "mixmatch_epoch", mixmatch)
+    return splits, used
+
+
+def split_epochs(extra: dict) -> set[int]:
+    """The epochs ``k`` of every ``split*_ep<k>*`` key of a row's extra."""
+    return {int(m[1]) for k in extra if (m := re.match(r"split.*_ep(\d+)", k))}
+
+
+def test_dbd_end_to_end(tiny_cfg, monkeypatch):
     from bench.run import run
 
-    cfg = tiny_cfg("defense=dbd", "defense.params.simclr.epochs=2",
-                   "defense.params.simclr.batch_size=128", "defense.params.linear.epochs=1",
-                   "defense.params.mixmatch.epochs=2", "defense.params.mixmatch.iters_per_epoch=2",
-                   "defense.params.mixmatch.batch_size=16")
-    row = run(cfg)
+    splits, used = spy_splits(monkeypatch)
+    row = run(tiny_cfg(*TINY_DBD))
     assert row["status"] == "ok"
+    # resplit every_epoch: a fresh split before each of the 2 MixMatch epochs, each one used
+    assert len(splits) == len(used) == 2
+    assert all(torch.equal(a, b) for a, b in zip(splits, used, strict=True))
+    assert split_epochs(row["extra"]) == {1, 2}
     assert list(row["stage_s"])[1:] == ["simclr", "linear", "credibility_split", "mixmatch",
                                         "evaluate"]
     assert row["n_suspects"] == 300  # ε = 0.5 of the 600 training samples
@@ -279,3 +345,18 @@ def test_dbd_end_to_end(tiny_cfg):
     # λu at the end of semi epoch 2 = 15·(1 warm-up + 1 + 1/2)/190
     assert extra["mixmatch_lambda_u_ep2"] == pytest.approx(15 * 2.5 / 190)
 
+
+def test_dbd_resplit_once_splits_before_the_first_epoch_only(tiny_cfg, monkeypatch):
+    from bench.run import run
+
+    splits, used = spy_splits(monkeypatch)
+    row = run(tiny_cfg(*TINY_DBD, "defense.params.split.resplit=once"))
+    assert row["status"] == "ok" and row["n_suspects"] == 300
+    # one split (the paper's reading), and both MixMatch epochs train on it
+    assert len(splits) == 1 and len(used) == 2
+    assert torch.equal(used[0], splits[0]) and torch.equal(used[1], splits[0])
+    extra = row["extra"]
+    assert split_epochs(extra) == {1} and "mixmatch_lx_ep2" in extra
+    assert not any(k.startswith("split_turnover") for k in extra)
+    assert extra["split_kept_poison"] == extra["split_ep1_kept_poison"]
+    assert row["iso_recall"] == extra["split_ep1_iso_recall"]

@@ -111,9 +111,33 @@ def planted_backdoor(n=240, k=3, seed=0):
                     name="toy"), poisoned
 
 
-def test_active_unlearning_lowers_suspects_target_confidence():
+def spy_clean_batches(monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Record what ``active_unlearn`` asks ``_cycle`` for: the confident clean indices it
+    cycles over, and every clean batch it actually draws (one per descent step)."""
+    import defenses.dlp
+
+    pools, drawn = [], []
+    real = defenses.dlp._cycle
+
+    def cycle(idx, size, gen):
+        pools.append(idx.clone())  # on the call, before any batch is drawn
+
+        def draw():
+            for b in real(idx, size, gen):
+                drawn.append(b.clone())
+                yield b
+
+        return draw()
+
+    monkeypatch.setattr(defenses.dlp, "_cycle", cycle)
+    return pools, drawn
+
+
+def test_active_unlearning_lowers_suspects_target_confidence(monkeypatch):
+    import copy
+
     from bench.models import create_model
-    from bench.train import TrainCfg, fit, predict
+    from bench.train import TrainCfg, fit, per_sample_loss, predict
 
     data, poisoned = planted_backdoor()
     eng = engine()
@@ -123,12 +147,33 @@ def test_active_unlearning_lowers_suspects_target_confidence():
         torch.Generator().manual_seed(0), hflip=False)
     conf_before = predict(model, data.x[poisoned], eng).softmax(1)[:, 0]
     assert conf_before.mean() > 0.8  # the planted backdoor is learned
+    losses = per_sample_loss(model, data.x, data.y, eng, normalize=True)
+    trained = copy.deepcopy(model)
+    pools, drawn = spy_clean_batches(monkeypatch)
     out = active_unlearn(model, data, poisoned, UnlearnCfg(lr=0.05, batch_size=16), eng,
                          torch.Generator().manual_seed(1), norm=True)
     conf_after = predict(model, data.x[poisoned], eng).softmax(1)[:, 0]
     assert out["unlearn_suspect_acc_before"] > 0.9
     assert out["unlearn_suspect_acc_after"] <= 0.1 and out["unlearn_steps"] >= 1
     assert conf_after.mean() < 0.5 * conf_before.mean()
+
+    # the clean side: the clean_ratio = 0.5 lowest-loss samples of the pool of non-suspects
+    # outside the suspects' label classes (here class 0, which holds 80 clean samples too)
+    assert len(pools) == 1 and data.y[poisoned].unique().tolist() == [0]
+    clean = pools[0]
+    pool = ~poisoned & (data.y != 0)
+    assert not poisoned[clean].any() and not (data.y[clean] == 0).any()
+    assert len(clean) == len(clean.unique()) == int(0.5 * pool.sum()) == 56
+    chosen = torch.zeros_like(pool)
+    chosen[clean] = True
+    assert losses[clean].max() < losses[pool & ~chosen].min()
+    # and descent on it: one clean batch (of at most 16) drawn per step, each from that set
+    assert len(drawn) == out["unlearn_steps"]
+    assert all(0 < len(b) <= 16 and chosen[b].all() for b in drawn)
+    drawn.clear()
+    active_unlearn(trained, data, poisoned, UnlearnCfg(lr=0.05, batch_size=16, descend=False),
+                   eng, torch.Generator().manual_seed(1), norm=True)
+    assert not drawn  # pure ascent draws no clean batch
 
 
 class LookupModel(nn.Module):
