@@ -23,6 +23,23 @@ def test_crop_offsets_are_per_sample_and_preserve_content():
         assert len(set((rows - ys).tolist())) == 1 and len(set((cols - xs).tolist())) == 1
 
 
+def test_reflect_crop_equals_numpy_reflect_pad_at_replayed_offsets():
+    """``pad_mode: reflect`` (DBD's RandomCrop padding) mirrors the border without repeating
+    the edge pixel, as numpy's ``reflect``; offsets are drawn per image from the generator."""
+    import numpy as np
+
+    x = torch.randint(0, 256, (6, 2, 8, 8), generator=torch.Generator().manual_seed(3),
+                      dtype=torch.uint8)
+    out = random_crop(x, 3, torch.Generator().manual_seed(0), mode="reflect")
+    g = torch.Generator().manual_seed(0)
+    dy, dx = torch.randint(0, 7, (6,), generator=g), torch.randint(0, 7, (6,), generator=g)
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (3, 3), (3, 3)), mode="reflect")
+    for i in range(6):
+        want = padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8]
+        assert np.array_equal(out[i].numpy(), want), i
+    assert len({(int(a), int(b)) for a, b in zip(dy, dx, strict=True)}) > 1
+
+
 def test_flip_is_per_sample():
     x = ramp()
     out = random_flip(x, torch.Generator().manual_seed(0))

@@ -71,6 +71,41 @@ def test_blended_equals_blend_equation():
     assert (attack.apply(x).double() - expect).abs().max() <= 0.5 + 1e-6
 
 
+def test_blended_test_alpha_applies_at_test_time_only():
+    """DBD's and BackdoorBench's Blended may use another opacity on the test set: the
+    training trigger keeps ``alpha``; ``for_test`` blends with ``test_alpha``, and poison() uses
+    it for the triggered test set."""
+    params = ATTACKS.params("blended", {"alpha": 0.1, "test_alpha": 0.3})
+    attack = ATTACKS.get("blended").obj(params, (1, 8, 8), torch.Generator())
+    x = image_set(5).x
+    expect = {a: ((1 - a) * x.double() + a * attack.pattern.double()) for a in (0.1, 0.3)}
+    assert (attack.apply(x).double() - expect[0.1]).abs().max() <= 0.5 + 1e-6
+    assert (attack.for_test().apply(x).double() - expect[0.3]).abs().max() <= 0.5 + 1e-6
+    assert attack.apply(x).double().sub(expect[0.3]).abs().max() > 1  # not the test opacity
+
+    train, test = image_set(40), image_set(20, seed=1)
+    s = spec("blended", alpha=0.1, test_alpha=0.3)
+    pt, tt = poison(train, test, s, seed=0)
+    idx = torch.nonzero(pt.kind == POISONED).flatten()
+    src = test.x[test.y != 0]
+    assert torch.equal(pt.data.x[idx], attack.apply(train.x[idx]))
+    assert torch.equal(tt.x, attack.for_test().apply(src))
+
+
+def test_select_from_all_also_poisons_target_class_samples():
+    """``select_from: all`` (BackdoorBench's pool) draws from every sample, target class
+    included (those keep their label); ``non_target`` never does."""
+    train, test = image_set(400), image_set(20, seed=1)
+    everywhere, _ = poison(train, test, spec(select_from="all"), seed=0)
+    idx = torch.nonzero(everywhere.kind == POISONED).flatten()
+    assert len(idx) == everywhere.n_poisoned == 100
+    in_target = everywhere.y_true[idx] == 0
+    assert 0 < int(in_target.sum()) < len(idx)  # ~a quarter of 100 with 4 balanced classes
+    assert (everywhere.data.y[idx] == 0).all()
+    elsewhere, _ = poison(train, test, spec(), seed=0)
+    assert (elsewhere.y_true[elsewhere.kind == POISONED] != 0).all()
+
+
 def test_same_seed_same_poisoned_set_different_seed_differs():
     train, test = image_set(40), image_set(20, seed=1)
     a, _ = poison(train, test, spec(), seed=3)
