@@ -1,4 +1,5 @@
-"""DBD: SCE, SimCLR loss and augmentation, MixMatch pieces, credibility split, end to end."""
+"""DBD: SCE, SimCLR loss, schedule and augmentation, credibility split, end to end (MixMatch:
+tests/test_mixmatch.py)."""
 
 import math
 import re
@@ -18,8 +19,7 @@ from bench.train import Engine
 from defenses.dbd import DBDParams, LinearProbe, SplitCfg, credibility_split
 from defenses.dbd import _check as dbd_check
 from defenses.losses import sce
-from defenses.mixmatch import interleave, lambda_u_at, mixup, sharpen, uninterleave
-from defenses.simclr import simclr_loss
+from defenses.simclr import SimCLRCfg, simclr_loss, train_simclr
 
 RCE = -math.log(1e-4)
 PLAIN = SimCLRAugCfg(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter_p=0.0,
@@ -45,7 +45,7 @@ def test_sce_per_sample():
     assert out.shape == (2,) and out[0] < 0.2 < 9.0 < out[1]
 
 
-# ---------------------------------------------------------------- SimCLR loss
+# ---------------------------------------------------------------- SimCLR loss and schedule
 
 
 def simclr_loop(z1, z2, tau, symmetric):
@@ -86,6 +86,34 @@ def test_simclr_loss_lower_for_aligned_views():
     rand = F.normalize(torch.randn(32, 16, generator=g), dim=1)
     for sym in (False, True):
         assert simclr_loss(z1, noisy, 0.5, sym) < simclr_loss(z1, rand, 0.5, sym) - 1.0
+
+
+def test_lr_follows_cosine_per_epoch_over_schedule_epochs(monkeypatch):
+    """torch's CosineAnnealingLR(T_max=schedule_epochs), stepped once per epoch, over the
+    ``epochs`` actually run (DBD loads epoch 100 of a 1000-epoch schedule)."""
+    seen, step = [], torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    x = torch.randint(0, 256, (16, 1, 12, 12), dtype=torch.uint8)
+    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=False)
+    model = create_model("cnn_small", 4, 1, width=0.25)
+    cfg = SimCLRCfg(epochs=3, schedule_epochs=4, batch_size=8, lr=0.4, proj_dim=8)
+    train_simclr(model, x, cfg, eng, torch.Generator().manual_seed(0), hflip=False)
+    monkeypatch.undo()
+
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=4)
+    want = []
+    for _ in range(3):
+        want += [ref_opt.param_groups[0]["lr"]] * 2  # 16 images, batch 8: two steps an epoch
+        ref_opt.step()
+        sched.step()
+    assert len(seen) == len(want) == 6
+    assert all(abs(a - b) < 1e-9 for a, b in zip(seen, want, strict=True)), (seen, want)
 
 
 # ---------------------------------------------------------------- SimCLR augmentation
@@ -132,51 +160,6 @@ def test_jitter_factors_are_per_image():
     scale = out.mean((1, 2, 3)) / (100 / 255)
     assert torch.allclose(out, out[:, :, :1, :1].expand_as(out))  # brightness only: uniform
     assert scale.min() >= 0.6 - 1e-5 and scale.max() <= 1.4 + 1e-5 and scale.std() > 0.1
-
-
-# ---------------------------------------------------------------- MixMatch pieces
-
-
-def test_sharpen():
-    p = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
-    q = sharpen(p, 0.5)
-    assert torch.allclose(q.sum(1), torch.ones(2))
-    ent = lambda t: -(t * t.log()).sum(1)  # noqa: E731
-    assert (ent(q) < ent(p)).all()
-    assert torch.allclose(sharpen(p, 1.0), p)
-    assert torch.allclose(q[0], torch.tensor([25.0, 9.0, 4.0]) / 38)
-
-
-def test_mixup_is_convex_with_lambda_prime():
-    n = 12
-    x = torch.arange(n, dtype=torch.float32)[:, None]
-    y = F.one_hot(torch.arange(n) % 3, 3).float()
-    xm, ym, lam = mixup(x, y, 0.3, torch.Generator().manual_seed(0))
-    assert lam == pytest.approx(0.7) and lam >= 0.5
-    partner = ((xm[:, 0] - lam * x[:, 0]) / (1 - lam)).round().long()
-    assert sorted(partner.tolist()) == list(range(n))  # mixed with a permutation of the batch
-    assert torch.allclose(xm[:, 0], lam * x[:, 0] + (1 - lam) * partner.float(), atol=1e-5)
-    assert torch.allclose(ym, lam * y + (1 - lam) * y[partner])
-    assert torch.allclose(ym.sum(1), torch.ones(n))
-    assert mixup(x, y, 0.9, torch.Generator())[2] == pytest.approx(0.9)
-
-
-def test_interleave_round_trip_and_mixing():
-    b = 64
-    chunks = [torch.full((b,), float(i)) for i in range(3)]
-    mixed = interleave(chunks)
-    assert all(len(m) == b for m in mixed)
-    # chunk 0 (labelled) is spread over every forward pass, and each pass sees unlabelled rows
-    assert [sorted(set(m.tolist())) for m in mixed] == [[0.0, 1.0, 2.0], [0.0, 1.0], [0.0, 2.0]]
-    assert [(m == 0).sum().item() for m in mixed] == [21, 21, 22]
-    data = list(torch.arange(3 * b).float().split(b))
-    back = uninterleave(interleave(data))
-    assert all(torch.equal(a, c) for a, c in zip(back, data, strict=True))
-
-
-@pytest.mark.parametrize("t, want", [(0, 0.0), (95, 7.5), (190, 15.0), (300, 15.0)])
-def test_lambda_u_ramp(t, want):
-    assert lambda_u_at(t, 15.0, 190) == pytest.approx(want)
 
 
 # ---------------------------------------------------------------- stages

@@ -1,4 +1,5 @@
-"""MixMatch's losses and one step, against direct computations (DBD's stage 4, DLP's stage 3)."""
+"""MixMatch (DBD's stage 4, DLP's stage 3): sharpening, mixup, interleaving, the λu ramp, and
+the losses and one step against direct computations."""
 
 import math
 
@@ -7,7 +8,58 @@ import torch
 import torch.nn.functional as F
 
 from bench.train import Engine
-from defenses.mixmatch import MixMatchCfg, mixmatch_losses, mixmatch_step, sharpen
+from defenses.mixmatch import (
+    MixMatchCfg,
+    interleave,
+    lambda_u_at,
+    mixmatch_losses,
+    mixmatch_step,
+    mixup,
+    sharpen,
+    uninterleave,
+)
+
+
+def test_sharpen():
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    q = sharpen(p, 0.5)
+    assert torch.allclose(q.sum(1), torch.ones(2))
+    ent = lambda t: -(t * t.log()).sum(1)  # noqa: E731
+    assert (ent(q) < ent(p)).all()
+    assert torch.allclose(sharpen(p, 1.0), p)
+    assert torch.allclose(q[0], torch.tensor([25.0, 9.0, 4.0]) / 38)
+
+
+def test_mixup_is_convex_with_lambda_prime():
+    n = 12
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    y = F.one_hot(torch.arange(n) % 3, 3).float()
+    xm, ym, lam = mixup(x, y, 0.3, torch.Generator().manual_seed(0))
+    assert lam == pytest.approx(0.7) and lam >= 0.5
+    partner = ((xm[:, 0] - lam * x[:, 0]) / (1 - lam)).round().long()
+    assert sorted(partner.tolist()) == list(range(n))  # mixed with a permutation of the batch
+    assert torch.allclose(xm[:, 0], lam * x[:, 0] + (1 - lam) * partner.float(), atol=1e-5)
+    assert torch.allclose(ym, lam * y + (1 - lam) * y[partner])
+    assert torch.allclose(ym.sum(1), torch.ones(n))
+    assert mixup(x, y, 0.9, torch.Generator())[2] == pytest.approx(0.9)
+
+
+def test_interleave_round_trip_and_mixing():
+    b = 64
+    chunks = [torch.full((b,), float(i)) for i in range(3)]
+    mixed = interleave(chunks)
+    assert all(len(m) == b for m in mixed)
+    # chunk 0 (labelled) is spread over every forward pass, and each pass sees unlabelled rows
+    assert [sorted(set(m.tolist())) for m in mixed] == [[0.0, 1.0, 2.0], [0.0, 1.0], [0.0, 2.0]]
+    assert [(m == 0).sum().item() for m in mixed] == [21, 21, 22]
+    data = list(torch.arange(3 * b).float().split(b))
+    back = uninterleave(interleave(data))
+    assert all(torch.equal(a, c) for a, c in zip(back, data, strict=True))
+
+
+@pytest.mark.parametrize("t, want", [(0, 0.0), (95, 7.5), (190, 15.0), (300, 15.0)])
+def test_lambda_u_ramp(t, want):
+    assert lambda_u_at(t, 15.0, 190) == pytest.approx(want)
 
 
 def test_losses_hand_computed():
