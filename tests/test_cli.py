@@ -1,5 +1,6 @@
 """The command line as a user runs it (subprocesses)."""
 
+import json
 import subprocess
 import sys
 
@@ -102,3 +103,21 @@ def test_unknown_key_checks_only_what_it_can_know():
     assert unknown_key("logger.project", ["logger=wandb"]) is None
     assert unknown_key("defense.params.gamma", ["defense=dbd"]).startswith(
         "unknown key defense.params.gamma; valid under defense.params (defense 'dbd'):")
+
+
+def test_a_failed_run_exits_1_a_sweep_with_one_goes_on(tmp_path):
+    """A single run whose loss diverges (lr 1e30) records its failed row and exits 1; in a
+    multirun the failed job's row is recorded and the next job still runs: exit 0."""
+    res = tmp_path / "one"
+    out = bench(*TINY, "train.epochs=1", "train.lr=1e30", "defense=none", f"results_dir={res}",
+                cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    df = pd.read_csv(res / "runs.csv")
+    assert list(df.status) == ["failed"] and "loss became" in df.error[0]
+    res = tmp_path / "sweep"
+    out = bench(*TINY, "train.epochs=1", "train.lr=1e30,0.01", "defense=none",
+                f"results_dir={res}", "-m", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    df = pd.read_csv(res / "runs.csv").sort_values("status")
+    assert list(df.status) == ["failed", "ok"]
+    assert [json.loads(c)["train"]["lr"] for c in df.config] == [1e30, 0.01]

@@ -146,6 +146,35 @@ def test_truncated_gzip_idx_file_is_reported(tmp_path):
         load_dataset("mnist", data_root=str(tmp_path))
 
 
+@pytest.mark.parametrize("labels", [np.arange(3, dtype=np.uint8),
+                                    np.array([0, 1, 10, 2], dtype=np.uint8)])
+def test_labels_that_do_not_match_images_are_reported(tmp_path, labels):
+    """Three labels for four images, or a label outside 0-9: a one-line DatasetError."""
+    write_idx_set(tmp_path, 4, 2, gz=False)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    with pytest.raises(DatasetError, match=r"corrupt IDX file .*train-labels-idx1-ubyte "
+                       r"\(labels do not match images\); delete it"):
+        load_dataset("mnist", data_root=str(tmp_path))
+
+
+def test_trailing_bytes_after_idx_payload_are_reported(tmp_path):
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "long").write_bytes(idx_bytes(a) + b"\x00")
+    with pytest.raises(DatasetError, match=r"corrupt IDX file .*long \(25 payload bytes for "
+                       r"dims \(2, 3, 4\)\); delete it and re-download it$"):
+        read_idx(tmp_path / "long", 3)
+
+
+def test_truncated_idx_header_is_reported(tmp_path):
+    """The magic promises 3 dims but the file ends after one and a half of them."""
+    write_idx_set(tmp_path, 4, 2, gz=False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(DatasetError, match=r"corrupt IDX file .*t10k-images-idx3-ubyte "
+                       r"\(truncated header\); delete it"):
+        load_dataset("mnist", data_root=str(tmp_path))
+
+
 def test_missing_mnist_says_how_to_fix(tmp_path):
     with pytest.raises(DatasetError, match=r"data_root=.*dataset\.download=true"):
         load_dataset("mnist", data_root=str(tmp_path))

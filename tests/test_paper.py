@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench import paper, paper_claims
@@ -317,3 +318,48 @@ def test_page_shows_the_reduced_rows_by_class(setup: tuple[Path, Path]) -> None:
     assert "## Reduced rows by class" in md
     assert ("| badnets | dbd | 1 | **90.0** | 100.0 | 80.0 | 90.0 | 0.0 | 100.0 | 0.0 | 90.0 | "
             "100.0 | 95.0 |") in md
+
+
+def test_known_gap_with_missing_rows_is_missing_and_fails(
+        setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A documented known gap excuses a claim that does not hold, never one with no rows: with
+    every claim a known gap and no rows, each is missing and the check exits 1."""
+    results, ref = setup
+    monkeypatch.setattr(paper_claims, "KNOWN_GAPS", {
+        ("toy", claim, a, d): "documented"
+        for a in EXP.attacks
+        for claim, d in [("attack_works", "none"), ("removes", "dbd"), ("keeps_ba", "dbd")]})
+    empty = tmp_path / "empty"
+    v = run_check(empty, empty, empty, ref)
+    assert len(v) == 6 and {x.status for x in v} == {"missing"} and all(x.fails for x in v)
+    assert main(["check", "--reduced", str(empty), "--main", str(empty), "--full", str(empty),
+                 "--reference", str(ref)]) == 1
+    assert "0/6 claims hold or are known gaps; 6 failing or missing" in capsys.readouterr().out
+
+
+def test_claim_thresholds_at_and_beyond_the_bar() -> None:
+    """Each claim holds at its bar and fails just beyond it; a paper whose defense raises BA (a
+    negative gap) allows the margin, not less."""
+    exp = Experiment("Toy", "toy", "toy", ("at", "beyond", "raises"), ("dbd",))
+    cells = {("at", "none"): (0.90, 0.90), ("at", "dbd"): (0.85, 0.05),  # drop 0.05 = margin
+             ("beyond", "none"): (0.90, 0.89), ("beyond", "dbd"): (0.849, 0.051),
+             ("raises", "none"): (0.90, 1.0), ("raises", "dbd"): (0.87, 0.0)}  # drop 0.03
+    reduced = pd.DataFrame([{"attack": a, "defense": d, "ba": ba, "asr": asr}
+                            for (a, d), (ba, asr) in cells.items()])
+    ref = pd.DataFrame([{"attack": "raises", "defense": "none", "ba": 0.90, "asr": 1.0},
+                        {"attack": "raises", "defense": "dbd", "ba": 0.95, "asr": 0.0}])
+    assert paper_claims.paper_gap(ref, "raises", "dbd") == pytest.approx(-0.05)
+    v = {(x.claim, x.attack): (x.status, x.threshold)
+         for x in paper_claims.check("toy", exp, reduced, ref)}
+    assert v == {
+        ("attack_works", "at"): ("pass", "ASR ≥ 0.90"),
+        ("removes", "at"): ("pass", "ASR ≤ 0.05"),
+        ("keeps_ba", "at"): ("pass", "BA drop ≤ 0.050"),
+        ("attack_works", "beyond"): ("FAIL", "ASR ≥ 0.90"),
+        ("removes", "beyond"): ("FAIL", "ASR ≤ 0.05"),
+        ("keeps_ba", "beyond"): ("FAIL", "BA drop ≤ 0.050"),
+        ("attack_works", "raises"): ("pass", "ASR ≥ 0.90"),
+        ("removes", "raises"): ("pass", "ASR ≤ 0.05"),
+        ("keeps_ba", "raises"): ("pass", "BA drop ≤ 0.050"),
+    }

@@ -136,3 +136,78 @@ def test_target_out_of_range_and_too_many_samples():
 
 def test_cover_constant_is_distinct():
     assert COVER not in (0, POISONED)
+
+
+def test_all2all_draws_from_every_class_target_included():
+    """all2all's pool is every sample, target class included (those move to label target + 1)."""
+    train, test = image_set(400), image_set(8, seed=1)
+    pt, _ = poison(train, test, spec(mode="all2all"), seed=0)
+    idx = torch.nonzero(pt.kind == POISONED).flatten()
+    assert len(idx) == 100 and set(pt.y_true[idx].tolist()) == {0, 1, 2, 3}
+    from_target = idx[pt.y_true[idx] == 0]
+    assert 10 < len(from_target) < 40 and (pt.data.y[from_target] == 1).all()  # ~25 expected
+    # Certain by counting: 36 picks of 40 take >= 6 of the 10 target samples (30 non-target).
+    pt, _ = poison(image_set(40), test, spec(mode="all2all", rate=0.9), seed=0)
+    assert int((pt.y_true[pt.kind == POISONED] == 0).sum()) >= 6
+
+
+def test_rate_that_rounds_to_zero_samples_is_an_error():
+    with pytest.raises(ConfigError, match=r"^poison_rate 0\.01 asks for 0 samples but 30 are "
+                       r"eligible \(all2one\); choose a rate in \[0\.025, 0\.75\]$"):
+        poison(image_set(40), image_set(8), spec(rate=0.01), seed=0)  # 0.01 * 40 = 0.4
+
+
+@pytest.mark.parametrize(("rate", "count"), [(0.21, 8), (0.27, 11), (0.0625, 2), (0.1875, 8)])
+def test_fractional_count_is_python_round(rate, count):
+    """n = round(rate * N) (conf/attack/badnets.yaml, bench/poison.py): 8.4 -> 8 and 10.8 -> 11
+    (not int, not ceil); Python's round sends exact halves to even: 2.5 -> 2, 7.5 -> 8."""
+    pt, _ = poison(image_set(40), image_set(8), spec(rate=rate), seed=0)
+    assert pt.n_poisoned == int((pt.data.y != pt.y_true).sum()) == count
+
+
+def badnets(shape, seed=5, **p):
+    return ATTACKS.get("badnets").obj(ATTACKS.params("badnets", p), shape,
+                                      torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("position", "rows", "cols"), [
+    ("bottom_right", (3, 5), (6, 8)), ("top_left", (1, 3), (1, 3)),
+    ("top_right", (1, 3), (6, 8)), ("bottom_left", (3, 5), (1, 3)), ([1, 4], (1, 3), (4, 6)),
+])
+def test_badnets_position_and_margin_on_non_square_image(position, rows, cols):
+    """A 2×2 patch on a 6×9 (H×W) image, margin 1 from the corners' borders; ``[row, col]``
+    ignores the margin. Swapped row/col either does not fit or lands elsewhere."""
+    attack = badnets((2, 6, 9), size=2, margin=1, position=position)
+    x = torch.zeros((3, 2, 6, 9), dtype=torch.uint8)
+    out = attack.apply(x)
+    expect = torch.zeros((6, 9), dtype=torch.bool)
+    expect[rows[0]:rows[1], cols[0]:cols[1]] = True
+    assert torch.equal((out == 255).all(1), expect.expand(3, 6, 9))
+    assert torch.equal(out == 0, ~expect.expand(3, 2, 6, 9))
+    assert torch.equal(attack.mask[0], expect)
+
+
+@pytest.mark.parametrize("size", [3, 4])
+def test_badnets_checkerboard_alternates_from_a_white_bottom_right_pixel(size):
+    out = badnets((3, 7, 8), size=size, pattern="checkerboard").apply(
+        torch.full((2, 3, 7, 8), 77, dtype=torch.uint8))
+    want = torch.tensor([[255 * ((i + j) % 2 == 0) for j in range(size)] for i in range(size)],
+                        dtype=torch.uint8).flip(0, 1)  # parity counted from bottom-right
+    assert int(want[-1, -1]) == 255
+    assert torch.equal(out[:, :, 7 - size:, 8 - size:], want.expand(2, 3, size, size))
+    assert (out[:, :, : 7 - size] == 77).all() and (out[:, :, :, : 8 - size] == 77).all()
+
+
+def test_badnets_random_pattern_is_fixed_colours_from_trigger_generator():
+    """DBD's patch (conf/attack/dbd/badnets.yaml): 2×2 at rows/cols 4–5, per-channel colours drawn
+    once from the trigger generator, the same on every image and at test time."""
+    attack = badnets((3, 10, 12), size=2, position=[4, 4], pattern="random")
+    colours = torch.randint(0, 256, (3, 2, 2), generator=torch.Generator().manual_seed(5),
+                            dtype=torch.uint8)
+    x = image_set(4, c=3, hw=12).x[:, :, :10]
+    for out in (attack.apply(x), attack.for_test().apply(x)):
+        assert torch.equal(out[:, :, 4:6, 4:6], colours.expand(4, 3, 2, 2))
+        out[:, :, 4:6, 4:6] = x[:, :, 4:6, 4:6]
+        assert torch.equal(out, x)
+    other = badnets((3, 10, 12), seed=6, size=2, position=[4, 4], pattern="random")
+    assert not torch.equal(other.patch, attack.patch)

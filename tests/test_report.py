@@ -86,6 +86,18 @@ def test_der_falls_back_to_none_group_mean() -> None:
     assert math.isnan(abl.ba_std) and abl.ba_n == 1
 
 
+def test_leaderboard_ra_and_ba_nt_are_their_rows_means() -> None:
+    """RA and BA_nt are mean/std/n over seeds of the rows' own RA and BA_nt, as BA and ASR are
+    (not ASR's or BA's numbers under another name)."""
+    rows = [make_row("badnets", "abl", s, ba=ba, ba_nt=ba_nt, asr=asr, ra=ra)
+            for s, ba, ba_nt, asr, ra in [(0, 0.90, 0.86, 0.10, 0.70), (1, 0.80, 0.74, 0.30, 0.50)]]
+    abl = leaderboard(pd.DataFrame(rows, columns=COLUMNS)).iloc[0]
+    assert abl.ra_mean == pytest.approx(0.60) and abl.ra_std == pytest.approx(0.2 / math.sqrt(2))
+    assert abl.ba_nt_mean == pytest.approx(0.80)
+    assert abl.ba_nt_std == pytest.approx(0.12 / math.sqrt(2))
+    assert abl.ra_n == abl.ba_nt_n == 2
+
+
 def test_scatter_has_one_legend_with_both_sections(tmp_path: Path, monkeypatch) -> None:
     figs = []
     monkeypatch.setattr("bench.plots.save_png", lambda fig, path: figs.append(fig) or path)

@@ -9,7 +9,7 @@ import torch
 
 import bench.rerun
 from bench.config import config_diff, config_hash, from_dict, hash_of, hashed_config
-from bench.rerun import check, main
+from bench.rerun import check, compare, main
 from bench.rows import _EXACT_FLOATS, _TEXT, collect, load_results
 from bench.run import run_and_record
 
@@ -167,3 +167,16 @@ def test_identifiers_that_look_like_numbers_stay_text(tmp_path):
                   "status": ["ok"]}).to_csv(tmp_path / "runs.csv", index=False)
     row = load_results(tmp_path).iloc[0]
     assert (row.run_id, row.config_hash, row.git_sha) == ("1", "80928e890337", "1234567")
+
+
+def test_compare_a_metric_nan_on_one_side_differs():
+    """A metric recorded as a number and NaN in the rerun (or the reverse) differs; NaN on both
+    sides (a metric neither run has, like ASR without attack) is the same."""
+    nan = float("nan")
+    recorded = {"ba": 0.9, "asr": nan, "ra": nan, "iso_precision": None}
+    lines, same = compare(recorded, {"ba": nan, "asr": nan, "ra": nan, "iso_precision": nan})
+    assert not same and lines[1].split() == ["ba", "0.9", "-", "differs"]
+    assert "differs" not in "".join(lines[2:])
+    lines, same = compare(recorded, {"ba": 0.9, "asr": 0.5, "ra": nan})
+    assert not same and lines[3].split() == ["asr", "-", "0.5", "differs"]
+    assert compare(recorded, {"ba": 0.9, "asr": nan}) == (compare(recorded, recorded)[0], True)

@@ -8,24 +8,39 @@ import pytest
 import torch
 
 import bench.run
+from bench.data import ImageSet
 from bench.errors import ConfigError
+from bench.poison import TriggeredTest
 from bench.rows import COLUMNS, collect
-from bench.run import hardware, prepare, resolve_amp, run, run_and_record, run_id
+from bench.run import (
+    evaluate,
+    excluded_target,
+    hardware,
+    prepare,
+    resolve_amp,
+    run,
+    run_and_record,
+    run_id,
+)
+from bench.train import Engine
 
 
 def test_run_learns_backdoor_and_row_has_schema(tiny_cfg):
     row = run(tiny_cfg("train.epochs=5", "dataset.synthetic.n_train=2000"))
     assert row["status"] == "ok"
     assert row["ba"] > 0.8 and row["asr"] > 0.8
+    assert row["ra"] <= 1 - row["asr"]  # same triggered images: fooled and correct are disjoint
     assert row["n_poisoned"] == round(0.1 * 2000)
     assert set(COLUMNS) <= set(row)
     assert "train" in row["stage_s"] and row["wall_s"] > 0
     assert row["hardware"].split()[0] == torch.backends.cpu.get_cpu_capability()
 
 
-def test_row_reports_ba_without_the_target_class_and_per_class_accuracy(tiny_cfg):
-    """BA_nt leaves the all-to-one target's test images out; all-to-all excludes nothing."""
-    cfg = tiny_cfg("train.epochs=2")
+@pytest.mark.parametrize("attack", ["badnets", "sig"])
+def test_row_reports_ba_without_the_target_class_and_per_class_accuracy(tiny_cfg, attack):
+    """BA_nt leaves the target's test images out, for an all-to-one (badnets) and a clean-label
+    (sig) attack alike; all-to-all excludes nothing."""
+    cfg = tiny_cfg("train.epochs=2", f"attack={attack}")
     row, test = run(cfg), prepare(cfg)[1]
     acc = row["extra"]["clean_acc_class"]
     n = torch.bincount(test.y, minlength=len(acc)).tolist()
@@ -33,8 +48,73 @@ def test_row_reports_ba_without_the_target_class_and_per_class_accuracy(tiny_cfg
     assert row["ba"] == pytest.approx(sum(a * k for a, k in zip(acc, n, strict=True)) / sum(n))
     others = [(a, k) for c, (a, k) in enumerate(zip(acc, n, strict=True)) if c != t]
     assert row["ba_nt"] == pytest.approx(sum(a * k for a, k in others) / sum(k for _, k in others))
-    a2a = run(tiny_cfg("train.epochs=2", "attack.label_mode=all2all"))
-    assert a2a["ba_nt"] == a2a["ba"]
+    if attack == "badnets":
+        a2a = run(tiny_cfg("train.epochs=2", "attack.label_mode=all2all"))
+        assert a2a["ba_nt"] == a2a["ba"]
+
+
+@pytest.mark.parametrize(("overrides", "left_out"), [
+    (["attack=badnets"], 0), (["attack=badnets", "attack.target=2"], 2),
+    (["attack=badnets", "attack.label_mode=all2all"], None),
+    (["attack=sig"], 0), (["attack=sig", "attack.target=3"], 3), (["attack=lc"], 0),
+    (["attack=none"], None)],
+    ids=["badnets", "badnets-target2", "all2all", "sig", "sig-target3", "lc", "none"])
+def test_ba_nt_leaves_out_the_target_of_all2one_and_clean_label_attacks(tiny_cfg, overrides,
+                                                                       left_out):
+    assert excluded_target(tiny_cfg(*overrides)) == left_out
+
+
+class FirstPixelClass(torch.nn.Module):
+    """Stub model: predicts the class written in each image's first pixel (inputs in [0, 1])."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (x[:, 0, 0, 0] * 255).round().long()
+        return torch.nn.functional.one_hot(cls, self.num_classes).float()
+
+
+def test_evaluate_scores_each_metric_on_its_own_labels():
+    """A stub model whose predictions are written into the images: BA, BA_nt and per-class
+    accuracy on the clean labels, ASR on the attack's labels, RA on the triggered images' true
+    labels (hand-computed)."""
+    def images(pred: list[int]) -> torch.Tensor:
+        x = torch.zeros((len(pred), 1, 4, 4), dtype=torch.uint8)
+        x[:, 0, 0, 0] = torch.tensor(pred, dtype=torch.uint8)
+        return x
+
+    test = ImageSet(x=images([0, 1, 1, 2, 3, 0]), y=torch.tensor([0, 0, 1, 2, 2, 3]),
+                    num_classes=4, mean=(0.5,), std=(0.25,), hflip=False, name="toy")
+    # target 0; three of the five triggered images fooled, two classified correctly, none both
+    triggered = TriggeredTest(x=images([0, 0, 3, 1, 0]), y=torch.zeros(5, dtype=torch.long),
+                              y_true=torch.tensor([1, 2, 3, 1, 2]))
+    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=False)
+    out = evaluate(FirstPixelClass(4), test, triggered, eng, normalize=False, target=0)
+    assert out["ba"] == pytest.approx(3 / 6)
+    assert out["ba_nt"] == pytest.approx(2 / 4)  # the two class-0 images left out
+    assert out["clean_acc_class"] == [0.5, 1.0, 0.5, 0.0]
+    assert out["asr"] == pytest.approx(3 / 5) and out["ra"] == pytest.approx(2 / 5)
+    clean = evaluate(FirstPixelClass(4), test, None, eng, normalize=False)
+    assert clean["ba_nt"] == clean["ba"] and math.isnan(clean["asr"]) and math.isnan(clean["ra"])
+
+
+def test_run_evaluates_on_the_first_limit_test_samples(tiny_cfg, monkeypatch):
+    """dataset.limit_test: the run scores exactly the first N test images (and the triggered
+    copies of those outside the target class), not the whole test split."""
+    seen = []
+
+    def spy(model, test, triggered, *a, **k):
+        seen.append((test.y.clone(), triggered.y_true.clone()))
+        return evaluate(model, test, triggered, *a, **k)
+
+    monkeypatch.setattr(bench.run, "evaluate", spy)
+    full = prepare(tiny_cfg())[1]
+    run(tiny_cfg("train.epochs=1", "dataset.limit_test=50"))
+    ((y, y_true),) = seen
+    assert len(full) == 200 and len(y) == 50 and torch.equal(y, full.y[:50])
+    assert torch.equal(y_true, y[y != 0])  # badnets all-to-one, target 0
 
 
 def test_hardware_names_the_isa_and_a_onednn_cap(monkeypatch):
