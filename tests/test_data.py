@@ -216,6 +216,11 @@ def test_cifar_loader(tmp_path, no_md5, hundred):
     data, labels = written["test" if hundred else "test_batch"]
     assert torch.equal(test.x, torch.from_numpy(data).reshape(4, 3, 32, 32))  # CHW rows
     assert test.y.tolist() == labels and test.y.dtype == torch.int64
+    batches = ["train"] if hundred else [f"data_batch_{i}" for i in range(1, 6)]  # in this order
+    x = np.concatenate([written[b][0] for b in batches]).reshape(-1, 3, 32, 32)
+    assert torch.equal(train.x, torch.from_numpy(x))  # CHW rows, data_batch_1 first
+    assert train.y.tolist() == [c for b in batches for c in written[b][1]]
+    assert train.y.dtype == torch.int64
     assert train.num_classes == (100 if hundred else 10) and train.classes[1] == "c1"
     assert train.mean[0] == (0.5071 if hundred else 0.4914)
 

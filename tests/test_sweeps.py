@@ -122,6 +122,52 @@ def test_two_concurrent_jobs_share_results_dir(tmp_path):
     assert len(list((res / "hydra").iterdir())) == 2  # each run its own hydra dir
 
 
+# each job: wait until all are ready, write its row, collect; once per round, a fresh folder
+# per round. Only ``bench.rows`` is imported, so the jobs start in well under a second.
+_COLLECT_JOB = """
+import sys, time
+from pathlib import Path
+from bench.rows import collect, write_row
+root, job, n, rounds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for r in range(rounds):
+    ready = root / "ready" / str(r)
+    ready.mkdir(parents=True, exist_ok=True)
+    (ready / str(job)).touch()
+    while len(list(ready.iterdir())) < n:  # a barrier: every job writes and collects at once
+        time.sleep(0.001)
+    write_row(root / str(r), {"run_id": f"job{job}", "seed": job, "ba": job / 8, "status": "ok"})
+    collect(root / str(r))
+"""
+
+
+def test_parallel_jobs_collect_every_row_once(tmp_path):
+    """Jobs that write their row and collect at the same moment (the joblib launcher) leave a
+    runs.csv with every row exactly once: a job that read the rows before another wrote its own
+    must not replace runs.csv after that job did (the lock in ``collect``)."""
+    import bench.rows
+
+    n, rounds = 8, 6
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(bench.rows.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _COLLECT_JOB, str(tmp_path), str(j), str(n),
+                               str(rounds)], env=env, stderr=subprocess.PIPE, text=True)
+             for j in range(n)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    lost = {}
+    for r in range(rounds):
+        res = tmp_path / str(r)
+        df = runs_csv(res)
+        if sorted(df.run_id) != [f"job{j}" for j in range(n)]:
+            lost[r] = sorted({f"job{j}" for j in range(n)} - set(df.run_id))
+            continue
+        assert df.set_index("run_id").ba.to_dict() == {f"job{j}": j / 8 for j in range(n)}
+        assert {p.name for p in res.iterdir()} - {"runs.csv.lock"} == {"rows", "runs.csv"}
+        assert len(list((res / "rows").iterdir())) == n
+    assert not lost, f"rows missing from runs.csv (round: run ids): {lost}"
+    assert not list(tmp_path.rglob("*.tmp"))  # no temp file of atomic_write is left
+
+
 # --- a diverging job -----------------------------------------------------------------------
 
 @pytest.mark.slow
