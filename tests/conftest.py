@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from bench.config import RunConfig, from_dict
 from bench.data import ImageSet
+from bench.train import Engine
 
 # channels_last off: the plain layout the tiny runs were written with. Their cnn_small at width
 # 0.25 has 1x1 stride-2 shortcuts with 4 and 8 input channels, where fp32 channels-last training
@@ -41,3 +42,8 @@ def image_set(n: int = 40, num_classes: int = 4, c: int = 1, hw: int = 8, seed: 
     y = torch.arange(n) % num_classes
     return ImageSet(x=x, y=y, num_classes=num_classes, mean=(0.5,) * c, std=(0.25,) * c,
                     hflip=False, name="toy")
+
+
+def cpu_engine(mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.25,)) -> Engine:
+    """The engine of the mechanism tests: CPU, fp32, plain layout."""
+    return Engine(torch.device("cpu"), mean, std, amp=False, channels_last=False)

@@ -119,12 +119,13 @@ def test_isolation_picks_planted_fast_learned_samples(seed):
 
     from bench.models import create_model
     from bench.stages import StageTimer
-    from bench.train import Engine, TrainCfg
+    from bench.train import TrainCfg
     from defenses.abl import ABLParams
     from defenses.base import DefenseContext
+    from tests.conftest import cpu_engine
 
     data, poisoned = planted(seed)
-    eng = Engine(torch.device("cpu"), data.mean, data.std, amp=False, channels_last=False)
+    eng = cpu_engine(data.mean, data.std)
     p = ABLParams(isolation_ratio=0.05)
     p = replace(p, isolation=replace(p.isolation, epochs=3, batch_size=64),
                 finetune=replace(p.finetune, epochs=0), unlearn=replace(p.unlearn, epochs=0))
@@ -148,12 +149,13 @@ def test_abl_end_to_end_row(abl_row):
 
 def test_unlearning_raises_loss_on_isolated_set():
     from bench.models import create_model
-    from bench.train import Engine, TrainCfg, fit, per_sample_loss
+    from bench.train import TrainCfg, fit, per_sample_loss
+    from tests.conftest import cpu_engine
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (64, 1, 12, 12), dtype=torch.uint8)
     y = torch.randint(0, 3, (64,))
-    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=False)
+    eng = cpu_engine()
     model = create_model("cnn_small", 3, 1, width=0.25)
     g = torch.Generator().manual_seed(0)
     fit(model, x, y, TrainCfg(epochs=6, lr=0.05, batch_size=16), eng, g, hflip=False)
@@ -169,12 +171,13 @@ def _tiny_abl(seed: int = 0):
 
     from bench.models import create_model
     from bench.stages import StageTimer
-    from bench.train import Engine, TrainCfg
+    from bench.train import TrainCfg
     from defenses.abl import ABLParams
     from defenses.base import DefenseContext
+    from tests.conftest import cpu_engine
 
     data, poisoned = planted(seed, n=300)
-    eng = Engine(torch.device("cpu"), data.mean, data.std, amp=False, channels_last=False)
+    eng = cpu_engine(data.mean, data.std)
     p = ABLParams(isolation_ratio=0.1)
     p = replace(p, isolation=replace(p.isolation, epochs=0), finetune=replace(p.finetune, epochs=0),
                 unlearn=replace(p.unlearn, epochs=0))

@@ -15,11 +15,11 @@ from bench.data import ImageSet
 from bench.errors import ConfigError
 from bench.models import create_model
 from bench.simclr_augment import SimCLRAugCfg, gaussian_blur, hsv_to_rgb, rgb_to_hsv, simclr_augment
-from bench.train import Engine
 from defenses.dbd import DBDParams, LinearProbe, SplitCfg, credibility_split
 from defenses.dbd import _check as dbd_check
 from defenses.losses import sce
 from defenses.simclr import SimCLRCfg, simclr_loss, train_simclr
+from tests.conftest import cpu_engine
 
 RCE = -math.log(1e-4)
 PLAIN = SimCLRAugCfg(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter_p=0.0,
@@ -99,7 +99,7 @@ def test_lr_follows_cosine_per_epoch_over_schedule_epochs(monkeypatch):
 
     monkeypatch.setattr(torch.optim.SGD, "step", spy)
     x = torch.randint(0, 256, (16, 1, 12, 12), dtype=torch.uint8)
-    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=False)
+    eng = cpu_engine()
     model = create_model("cnn_small", 4, 1, width=0.25)
     cfg = SimCLRCfg(epochs=3, schedule_epochs=4, batch_size=8, lr=0.4, proj_dim=8)
     train_simclr(model, x, cfg, eng, torch.Generator().manual_seed(0), hflip=False)
@@ -199,7 +199,7 @@ def test_credibility_split_keeps_planted_low_loss(split_on):
     texture = torch.randint(0, 10, (n, 1, 8, 8), generator=torch.Generator().manual_seed(1))
     x = (level.view(n, 1, 1, 1) + texture).to(torch.uint8)
     data = ImageSet(x=x, y=y, num_classes=4, mean=(0.5,), std=(0.25,), hflip=True, name="toy")
-    eng = Engine(torch.device("cpu"), data.mean, data.std, amp=False, channels_last=False)
+    eng = cpu_engine(data.mean, data.std)
     p = DBDParams(split=SplitCfg(epsilon=0.5, split_on=split_on), normalize=False)
     p = replace(p, linear=replace(p.linear, normalize=False))
     model = TexturedOracle()
@@ -232,7 +232,7 @@ def test_class_floor_gives_a_starved_class_its_lowest_loss_labels():
     value = torch.where(confident, 50 * y + 5, torch.full((n,), 250))
     x = value.view(n, 1, 1, 1).expand(n, 1, 8, 8).to(torch.uint8).contiguous()
     data = ImageSet(x=x, y=y, num_classes=4, mean=(0.5,), std=(0.25,), hflip=True, name="toy")
-    eng = Engine(torch.device("cpu"), data.mean, data.std, amp=False, channels_last=False)
+    eng = cpu_engine(data.mean, data.std)
     for floor, per_class in ((0.0, [10, 9, 0, 1]), (0.2, [10, 9, 2, 2])):
         p = DBDParams(split=SplitCfg(epsilon=0.5, split_on="clean", class_floor=floor),
                       normalize=False)

@@ -12,7 +12,6 @@ from bench.data import ImageSet
 from bench.errors import ConfigError
 from bench.registry import build_params
 from bench.run import run
-from bench.train import Engine
 from defenses.dlp import DLPParams, UnlearnCfg, active_unlearn, dlp, select_labelled
 from defenses.dlp_filter import (
     FilterCfg,
@@ -22,12 +21,9 @@ from defenses.dlp_filter import (
     late_filter,
 )
 from defenses.selection import knn_label_agreement, knn_label_shares, otsu, predictive_entropy
+from tests.conftest import cpu_engine
 
 CPU = torch.device("cpu")
-
-
-def engine() -> Engine:
-    return Engine(CPU, (0.5,), (0.25,), amp=False, channels_last=False)
 
 
 def test_predictive_entropy_hand_made_logits():
@@ -140,7 +136,7 @@ def test_active_unlearning_lowers_suspects_target_confidence(monkeypatch):
     from bench.train import TrainCfg, fit, per_sample_loss, predict
 
     data, poisoned = planted_backdoor()
-    eng = engine()
+    eng = cpu_engine()
     torch.manual_seed(0)
     model = create_model("cnn_small", 3, 1, width=0.25)
     fit(model, data.x, data.y, TrainCfg(epochs=8, lr=0.05, batch_size=32), eng,
@@ -198,7 +194,7 @@ def test_labelled_selection_follows_budget_and_balance():
     logits = torch.randn(n, k, generator=g) * 3
     exclude = torch.zeros(n, dtype=torch.bool)
     exclude[:10] = True  # suspects: never labelled
-    eng, model = engine(), LookupModel(logits)
+    eng, model = cpu_engine(), LookupModel(logits)
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
 
     lab = select_labelled(model, data, exclude, 0.5, eng, norm=True, balanced=True)
@@ -413,7 +409,7 @@ def test_inference_passes_use_the_supervised_eval_batch_size():
     p = DLPParams()
     p = replace(p, supervised=replace(p.supervised, epochs=2, batch_size=32, eval_batch_size=7),
                 unlearn=replace(p.unlearn, enabled=False), semi=replace(p.semi, enabled=False))
-    ctx = DefenseContext(engine(), TrainCfg(), make_model, 0, StageTimer(CPU))
+    ctx = DefenseContext(cpu_engine(), TrainCfg(), make_model, 0, StageTimer(CPU))
     dlp(data, p, ctx)
     assert seen and max(seen) == 7 and ctx.engine.eval_batch_size == 1024
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.train import Engine
 from defenses.mixmatch import (
     MixMatchCfg,
     interleave,
@@ -18,6 +17,7 @@ from defenses.mixmatch import (
     sharpen,
     uninterleave,
 )
+from tests.conftest import cpu_engine
 
 
 def test_sharpen():
@@ -82,7 +82,7 @@ def _setup(b: int = 6, k: int = 3):
     xb = torch.randn(b, 1, 4, 4, generator=g)
     yb = F.one_hot(torch.randint(0, k, (b,), generator=g), k).float()
     ubs = [torch.randn(b, 1, 4, 4, generator=g) for _ in range(2)]
-    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=False)
+    eng = cpu_engine()
     return model, xb, yb, ubs, eng
 
 

@@ -22,7 +22,7 @@ from bench.run import (
     run_and_record,
     run_id,
 )
-from bench.train import Engine
+from tests.conftest import cpu_engine
 
 
 def test_run_learns_backdoor_and_row_has_schema(tiny_cfg):
@@ -90,7 +90,7 @@ def test_evaluate_scores_each_metric_on_its_own_labels():
     # target 0; three of the five triggered images fooled, two classified correctly, none both
     triggered = TriggeredTest(x=images([0, 0, 3, 1, 0]), y=torch.zeros(5, dtype=torch.long),
                               y_true=torch.tensor([1, 2, 3, 1, 2]))
-    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=False)
+    eng = cpu_engine()
     out = evaluate(FirstPixelClass(4), test, triggered, eng, normalize=False, target=0)
     assert out["ba"] == pytest.approx(3 / 6)
     assert out["ba_nt"] == pytest.approx(2 / 4)  # the two class-0 images left out
@@ -312,9 +312,9 @@ def test_deterministic_cuda_only_touches_cuda(monkeypatch):
 def test_training_on_an_empty_set_is_a_config_error():
     from bench.errors import ConfigError
     from bench.models import create_model
-    from bench.train import Engine, TrainCfg, fit
+    from bench.train import TrainCfg, fit
 
-    eng = Engine(torch.device("cpu"), (0.5,), (0.25,), amp=False, channels_last=False)
+    eng = cpu_engine()
     model = create_model("cnn_small", 4, 1)
     empty = torch.zeros((0, 1, 8, 8), dtype=torch.uint8)
     with pytest.raises(ConfigError, match="unlearn: no samples to train on"):
