@@ -14,6 +14,7 @@ from attacks import ATTACKS
 from bench.data import load_dataset
 from bench.errors import ConfigError
 from bench.poison import CLEAN, COVER, POISONED, AttackSpec, PrepareContext, poison
+from tests.conftest import cpu_engine
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
 TARGET = 1
@@ -150,7 +151,7 @@ def test_mask_sparsity_loss_pulls_masks_down(data):
     M = IA.Codec(3, 1, p.width, p.depth)
     x = train.x[:64].float() / 255
     before = IA.sharpen(M.eval()(x)).mean()
-    eng = IA.Engine(torch.device("cpu"), train.mean, train.std, amp=False, channels_last=False)
+    eng = cpu_engine(train.mean, train.std)
     IA.train_mask(M, train.x, p, eng, torch.Generator().manual_seed(0))
     after = IA.sharpen(M(x))
     assert not M.training and not any(q.requires_grad for q in M.parameters())
