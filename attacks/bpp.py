@@ -23,7 +23,9 @@ Defaults: ``squeeze_num = 8`` (3 bits per channel; official ``config.py``) and
 ``dithering = true`` (the paper's method; the official argparse default is False, so set
 ``dithering: false`` to match that code); poison rate 0.1 in ``conf/attack/bpp.yaml`` (the
 benchmark-wide default; the official code's per-batch ``injection_rate`` is 0.2). The test-time
-trigger is the train-time trigger.
+trigger is the train-time trigger. On Fashion-MNIST ``conf/attack_dataset/bpp_fashion_mnist.yaml``
+sets ``squeeze_num = 4``: poison-only, 3 bits leaves no backdoor on that grey-scale set (ASR
+0.05–0.20 at seeds 0–2, no defense), 2 bits gives ASR 0.96–0.97 within 1.3 points of clean BA.
 """
 
 from __future__ import annotations

@@ -84,6 +84,10 @@ def test_missing_launcher_plugin_is_one_line(tmp_path):
 def test_attack_dataset_specialisation(tmp_path):
     out = bench("attack=sig", "dataset=cifar100", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0 and "poison_rate: 0.005" in out.stdout
+    out = bench("attack=bpp", "--cfg", "job", cwd=tmp_path)  # bpp_fashion_mnist.yaml
+    assert out.returncode == 0 and "squeeze_num: 4" in out.stdout
+    out = bench("attack=bpp", "attack.params.squeeze_num=8", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0 and "squeeze_num: 8" in out.stdout
 
 
 def test_unknown_key_checks_only_what_it_can_know():
