@@ -49,7 +49,7 @@ entropy-based filtering; everything below is ours and a key of ``filter`` in
   bf16 numerics) seed 2 gives 0.405 but seed 0 only 0.056, with 32% of the poisoned samples
   predicted as the target after epoch 8 (91% at seed 2), and the late filter flags nothing
   (the disowned filter, below, does). The largest
-  share of a clean class, in these runs and in BadNets, Blended, BPP, Adaptive-Blend, LF
+  share of a clean class, in these runs and in BadNets, Blended, BPP (3 bits), Adaptive-Blend, LF
   (seed 1) and three runs without attack: 0.092 (Input-aware's target class: 0.095 at
   precision 0.98, too weak to flag). Clean samples the model memorises one by one do not move
   together.
@@ -62,9 +62,10 @@ entropy-based filtering; everything below is ours and a key of ``filter`` in
   the preset's supervised models: WaNet's target class 0.217 / 0.168 / 0.124 at seeds 0 / 1 /
   2 on an AMX CPU, and 0.220 at seed 0 with oneDNN capped at AVX512_CORE_BF16, where the late
   filter's share is only 0.056 (the cut's precision 0.96–0.98); BPP's 0.266–0.271 at seeds
-  0–2; Input-aware's 0.142 at seed 2 (0.036 at seed 0); a clean class at most 0.085 (the shirt
+  0–2 at 3 bits (at the 2 bits of Fashion-MNIST's BPP default 0.076–0.102, and nothing is
+  flagged); Input-aware's 0.142 at seed 2 (0.036 at seed 0); a clean class at most 0.085 (the shirt
   class, in every run) over 18 supervised runs: WaNet at seeds 0–2 and, capped, 0 and 2;
-  BadNets, Blended, BPP and SIG at seed 0; LF at seed 1; Adaptive-Blend at seeds 0–2;
+  BadNets, Blended, BPP (3 bits) and SIG at seed 0; LF at seed 1; Adaptive-Blend at seeds 0–2;
   Input-aware at seeds 0 and 2; three runs without attack. The margin below is thin (WaNet
   seed 2: 0.124, which the late filter flags first).
 """
